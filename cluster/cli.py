@@ -1,0 +1,184 @@
+"""`kvedit`: the command-line entry. Each command group lives in a small module; this file wires them.
+
+An edit's path starts here: `kvedit edit run` (in-process) or `kvedit edit submit` (through
+the job queue), then `kvedit serve` puts the memory in front of users.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="kvedit: edit the facts of a frozen LLM through an external key-value memory.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+edit_app = typer.Typer(help="Compute edits.", no_args_is_help=True)
+model_app = typer.Typer(help="Prepare and inspect models.", no_args_is_help=True)
+app.add_typer(edit_app, name="edit")
+app.add_typer(model_app, name="model")
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def emit(obj: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, default=str))
+    else:
+        for k, v in obj.items():
+            out.print(f"[bold]{k}[/]: {v}", highlight=False)
+
+
+@model_app.command("prepare")
+def model_prepare(model: str = typer.Argument("smollm2-135m", help="known name or local HF folder")):
+    """Resolve a model (dequantizing a packaged GGUF once) and print its local folder and fingerprint."""
+    _setup_logging(verbose=True)
+    from editing.models import ModelNotFoundError, fingerprint_folder, resolve_model
+
+    try:
+        path = resolve_model(model)
+    except ModelNotFoundError as exc:
+        fail(str(exc))
+    print(json.dumps({"model": model, "path": str(path), "fingerprint": fingerprint_folder(path)}))
+
+
+@edit_app.command("run")
+def edit_run(
+    data: str = typer.Argument(..., help="records: ../shared/data/*.json, a file name in it, or JSONL"),
+    model: str = typer.Option("smollm2-135m", help="known name or local HF causal-LM folder"),
+    router: str = typer.Option("cosine", help="cosine | whitened | margin"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="write the edits here as edits.arrow"),
+    memory: Optional[str] = typer.Option(None, help="commit the edits into this store memory"),
+    store: Optional[str] = typer.Option(None, help="store URI (default $KVEDIT_STORE or ~/.cache/kvedit/store)"),
+    redis_url: Optional[str] = typer.Option(None, envvar="KVEDIT_REDIS_URL"),
+    limit: Optional[int] = typer.Option(None, min=1),
+    offset: int = typer.Option(0, min=0),
+    layer: Optional[int] = typer.Option(None),
+    threshold: Optional[float] = typer.Option(None, help="gate threshold (router default when omitted)"),
+    device: str = typer.Option("cpu"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Compute edits in-process, write them as an Arrow table (and/or commit them), and report efficacy."""
+    _setup_logging()
+    if out_dir is None and memory is None:
+        fail("give --out DIR and/or --memory NAME")
+    from editing import Editor, EditRecordError, load_records
+    from editing.data import data_file
+    from editing.models import ModelNotFoundError
+    from editing.table import write_edit_table
+
+    try:
+        records = load_records(data_file(data), limit=limit, offset=offset)
+        editor = Editor.load(model, device=device, layer=layer, router=router, threshold=threshold)
+    except (EditRecordError, FileNotFoundError, ModelNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    from rich.progress import Progress
+
+    try:
+        with Progress(console=err, transient=True, disable=as_json) as prog:
+            task = prog.add_task("optimising edits", total=len(records))
+            edits = editor.compute(records, progress=lambda n: prog.advance(task, n))
+    except EditRecordError as exc:
+        fail(str(exc))
+    result = {"n_edits": len(records), "edit_ids": edits.edit_ids, "layer": editor.layer, "router": router}
+    if out_dir is not None:
+        result["out"] = str(write_edit_table(edits.table, out_dir))
+    if memory is not None:
+        from cluster.commit import commit_edits
+
+        result.update(commit_edits(editor, edits.table, memory, store, redis_url, router))
+    editor.attach(edits.table, router=router, threshold=threshold)
+    flags = editor.efficacy(records)
+    result["efficacy"] = sum(flags) / max(len(flags), 1)
+    result["seconds"] = round(edits.seconds, 3)
+    emit(result, as_json)
+
+
+@app.command("generate")
+def generate(
+    prompts: list[str] = typer.Argument(..., help="prompts to continue greedily"),
+    model: str = typer.Option("smollm2-135m"),
+    memory_dir: Optional[Path] = typer.Option(None, "--memory", help="folder (or file) of edits.arrow"),
+    router: str = typer.Option("cosine"),
+    threshold: Optional[float] = typer.Option(None),
+    max_new_tokens: int = typer.Option(20, min=1),
+    device: str = typer.Option("cpu"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Print the greedy continuation of each prompt, without and with the memory."""
+    _setup_logging()
+    from editing import Editor
+    from editing.table import MemoryMismatchError, read_edit_table
+
+    editor = Editor.load(model, device=device)
+    rows = []
+    base = editor.generate(prompts, max_new_tokens)
+    edited = None
+    if memory_dir is not None:
+        try:
+            spec, table = read_edit_table(memory_dir)
+            editor.config.layer = spec.layer
+            editor.attach(table, spec=spec, router=router, threshold=threshold)
+        except (MemoryMismatchError, FileNotFoundError, ValueError) as exc:
+            fail(str(exc))
+        edited = editor.generate(prompts, max_new_tokens)
+    for i, p in enumerate(prompts):
+        rows.append({"prompt": p, "base": base[i], **({"edited": edited[i]} if edited else {})})
+    if as_json:
+        print(json.dumps({"generations": rows}))
+        return
+    for r in rows:
+        out.print(f"[bold]{r['prompt']}[/]", highlight=False)
+        out.print(f"  base:   {r['base']!r}", highlight=False)
+        if "edited" in r:
+            out.print(f"  edited: {r['edited']!r}", highlight=False)
+
+
+@app.command("bench")
+def bench(
+    name: str = typer.Argument(..., help="benchmark name (see `kvedit bench list`)"),
+    as_json: bool = typer.Option(False, "--json"),
+    model: str = typer.Option("smollm2-135m"),
+):
+    """Run a benchmark; with --json print one JSON object (ratios plus the raw figures)."""
+    _setup_logging()
+    from benchmarks import BENCHMARKS
+
+    if name == "list":
+        for k, (_, doc) in sorted(BENCHMARKS.items()):
+            out.print(f"[bold]{k}[/]: {doc}")
+        return
+    if name not in BENCHMARKS:
+        fail(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
+    fn, _ = BENCHMARKS[name]
+    result = fn(model=model)
+    emit(result, as_json)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":
+    main()

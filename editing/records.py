@@ -1,0 +1,197 @@
+"""Edit records: what a user asks to change, read from the shared data formats and validated.
+
+Three input formats are auto-detected per record:
+- the REP format of `../shared/data/*.json` (`subject`, `prompt`, `target_new`, `target_true`, ...);
+- the original CounterFact JSON (`requested_rewrite` with a "{}" prompt template);
+- the MEND zsRE JSON (`src`, `alt`, `answers`, `rephrase`, `loc`, `loc_ans`, `subject`).
+A file is a JSON list or JSONL. Every error names the file, the record and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class EditRecordError(ValueError):
+    """A bad edit record. Names the record (index and case_id) and the offending field."""
+
+    def __init__(self, index: int | None, field: str, reason: str, case_id: Any = None, source: str | None = None):
+        self.index, self.field, self.reason, self.case_id, self.source = index, field, reason, case_id, source
+        where = []
+        if source:
+            where.append(str(source))
+        if index is not None:
+            where.append(f"record {index}")
+        if case_id is not None:
+            where.append(f"case_id={case_id}")
+        super().__init__(f"{', '.join(where) or 'record'}: field {field!r}: {reason}")
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "case_id": self.case_id, "field": self.field, "reason": self.reason}
+
+
+@dataclass
+class EditRequest:
+    """One fact to write: in `prompt` (which contains `subject`), the answer becomes `target_new`.
+
+    The optional lists are for evaluation only: paraphrases of the prompt, neighbourhood
+    prompts whose answer (`locality_answers`) must not change, and rephrasings of the subject.
+    """
+
+    subject: str
+    prompt: str
+    target_new: str
+    target_true: str = ""
+    case_id: str | None = None
+    rephrase_prompts: list[str] = field(default_factory=list)
+    locality_prompts: list[str] = field(default_factory=list)
+    locality_answers: list[str] = field(default_factory=list)
+    subject_rephrases: list[str] = field(default_factory=list)
+    source: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _req_str(rec: dict, key: str, index: int, case_id, source, allow_empty=False) -> str:
+    if key not in rec:
+        raise EditRecordError(index, key, "missing", case_id, source)
+    val = rec[key]
+    if not isinstance(val, str):
+        raise EditRecordError(index, key, f"expected a string, got {type(val).__name__}", case_id, source)
+    if not allow_empty and not val.strip():
+        raise EditRecordError(index, key, "empty", case_id, source)
+    return val
+
+
+def _str_list(rec: dict, key: str, index: int, case_id, source) -> list[str]:
+    val = rec.get(key)
+    if val is None:
+        return []
+    if isinstance(val, str):
+        return [val]
+    if not isinstance(val, list) or not all(isinstance(x, str) for x in val):
+        raise EditRecordError(index, key, "expected a list of strings", case_id, source)
+    return list(val)
+
+
+def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest:
+    """Parse one record of any supported format into an `EditRequest` (raises `EditRecordError`)."""
+    if not isinstance(rec, dict):
+        raise EditRecordError(index, "<record>", f"expected an object, got {type(rec).__name__}", None, source)
+    case_id = rec.get("case_id")
+    case_id = None if case_id is None else str(case_id)
+    if "requested_rewrite" in rec:  # original CounterFact
+        rw = rec["requested_rewrite"]
+        if not isinstance(rw, dict):
+            raise EditRecordError(index, "requested_rewrite", "expected an object", case_id, source)
+        subject = _req_str(rw, "subject", index, case_id, source)
+        template = _req_str(rw, "prompt", index, case_id, source)
+        if "{}" not in template:
+            raise EditRecordError(index, "requested_rewrite.prompt", "no '{}' placeholder for the subject", case_id, source)
+        tn, tt = rw.get("target_new"), rw.get("target_true")
+        for name, t in (("target_new", tn), ("target_true", tt)):
+            if not isinstance(t, dict) or not isinstance(t.get("str"), str):
+                raise EditRecordError(index, f"requested_rewrite.{name}.str", "missing or not a string", case_id, source)
+        req = EditRequest(
+            subject=subject, prompt=template.format(subject), target_new=tn["str"], target_true=tt["str"],
+            case_id=case_id,
+            rephrase_prompts=_str_list(rec, "paraphrase_prompts", index, case_id, source),
+            locality_prompts=_str_list(rec, "neighborhood_prompts", index, case_id, source),
+            locality_answers=[tt["str"]] * len(rec.get("neighborhood_prompts") or []),
+            source=source,
+        )
+    elif "src" in rec and "alt" in rec:  # MEND zsRE
+        subject = _req_str(rec, "subject", index, case_id, source)
+        prompt = _req_str(rec, "src", index, case_id, source)
+        answers = _str_list(rec, "answers", index, case_id, source)
+        loc = rec.get("loc")
+        loc_ans = rec.get("loc_ans")
+        if loc is not None and not isinstance(loc, str):
+            raise EditRecordError(index, "loc", "expected a string", case_id, source)
+        if loc_ans is not None and not isinstance(loc_ans, str):
+            raise EditRecordError(index, "loc_ans", "expected a string", case_id, source)
+        req = EditRequest(
+            subject=subject, prompt=prompt, target_new=_req_str(rec, "alt", index, case_id, source),
+            target_true=answers[0] if answers else "", case_id=case_id,
+            rephrase_prompts=_str_list(rec, "rephrase", index, case_id, source),
+            locality_prompts=[loc] if loc else [], locality_answers=[loc_ans] if loc else [],
+            source=source,
+        )
+    else:  # REP / flat format
+        subject = _req_str(rec, "subject", index, case_id, source)
+        loc_prompts = _str_list(rec, "locality_prompt", index, case_id, source)
+        loc_gt = rec.get("locality_ground_truth")
+        if isinstance(loc_gt, str) or loc_gt is None:
+            loc_answers = [loc_gt or ""] * len(loc_prompts)
+        elif isinstance(loc_gt, list) and all(isinstance(x, str) for x in loc_gt):
+            loc_answers = loc_gt if len(loc_gt) == len(loc_prompts) else [loc_gt[0] if loc_gt else ""] * len(loc_prompts)
+        else:
+            raise EditRecordError(index, "locality_ground_truth", "expected a string or list of strings", case_id, source)
+        req = EditRequest(
+            subject=subject, prompt=_req_str(rec, "prompt", index, case_id, source),
+            target_new=_req_str(rec, "target_new", index, case_id, source),
+            target_true=_req_str(rec, "target_true", index, case_id, source, allow_empty=True) if "target_true" in rec else "",
+            case_id=case_id,
+            rephrase_prompts=_str_list(rec, "rephrase_prompt", index, case_id, source),
+            locality_prompts=loc_prompts, locality_answers=loc_answers,
+            subject_rephrases=_str_list(rec, "subject_rephrase", index, case_id, source),
+            source=source,
+        )
+    if req.subject not in req.prompt:
+        raise EditRecordError(index, "subject", f"{req.subject!r} not found in prompt {req.prompt!r}", case_id, source)
+    return req
+
+
+def read_raw_records(path: str | Path) -> list:
+    """Read a JSON list (or {"records": [...]}) or a JSONL file as raw Python objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    text = path.read_text()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise EditRecordError(None, "<file>", f"invalid JSON: {exc}", None, str(path)) from exc
+        return data
+    records = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise EditRecordError(len(records), "<line>", f"line {i + 1}: invalid JSON: {exc}", None, str(path)) from exc
+    return records
+
+
+def load_records(path: str | Path, limit: int | None = None, offset: int = 0) -> list[EditRequest]:
+    """Read and validate every record of a data file (auto-detected format).
+
+    Raises `EditRecordError` naming the file, the record and the field of the first bad record.
+    """
+    raw = read_raw_records(path)
+    if not isinstance(raw, list):
+        raise EditRecordError(None, "<file>", "expected a JSON list of records or JSONL", None, str(path))
+    raw = raw[offset: None if limit is None else offset + limit]
+    return [parse_record(rec, offset + i, str(path)) for i, rec in enumerate(raw)]
+
+
+def check_batch_conflicts(requests: Iterable[EditRequest]) -> None:
+    """Refuse two records with the same subject and prompt but different targets."""
+    seen: dict[tuple[str, str], tuple[int, str]] = {}
+    for i, r in enumerate(requests):
+        key = (r.subject, r.prompt)
+        if key in seen and seen[key][1] != r.target_new:
+            j = seen[key][0]
+            raise EditRecordError(
+                i, "target_new",
+                f"conflicts with record {j}: same subject and prompt but target {r.target_new!r} != {seen[key][1]!r}",
+                r.case_id,
+            )
+        seen.setdefault(key, (i, r.target_new))

@@ -1,0 +1,101 @@
+"""Core engine on tiny random models of every supported family (built locally, no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES, build_tiny
+from editing.adapters import UnsupportedModelError, get_adapter
+from editing.hooks import capture_input, edit_output
+from editing.keys import compute_keys
+from editing.prompts import encode
+from editing.records import EditRequest
+from editing.routed import RoutedFFN, attach, detach
+from editing.routers import make_router
+from editing.values import ValueHparams, optimise_residuals, optimise_residuals_reference
+
+REQS = [
+    EditRequest(subject="Danielle Darrieux", prompt="The mother tongue of Danielle Darrieux is", target_new="English", target_true="French"),
+    EditRequest(subject="Edwin of Northumbria", prompt="Edwin of Northumbria's religious values strongly emphasize", target_new="Islam", target_true="Christianity"),
+    EditRequest(subject="Toko Yasuda", prompt="Toko Yasuda, the", target_new="piano player", target_true="guitar"),
+]
+TEMPLATES = ["{}", "The cat sat on the mat. {}", "Because it rained. {}"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_key_is_down_projection_input(family, tokenizer):
+    model = build_tiny(family)
+    ad = get_adapter(model)
+    assert ad.n_layers == 4
+    ids = tokenizer(["The mother tongue of Danielle Darrieux is"], return_tensors="pt")["input_ids"]
+    seen_out = {}
+    with capture_input(ad.down_proj(2)) as keys, edit_output(ad.down_proj(2), lambda o: seen_out.setdefault("o", o)):
+        model(input_ids=ids)
+    key, out = keys[0], seen_out["o"]
+    assert key.shape[-1] == ad.d_key and out.shape[-1] == ad.d_model
+    bias = getattr(ad.down_proj(2), "bias", None)
+    expect = key @ ad.down_weight(2).T + (0 if bias is None else bias)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routed_layer_empty_is_bit_identical_and_edit_routes(family, tokenizer):
+    model = build_tiny(family)
+    ad = get_adapter(model)
+    ids = tokenizer(["The mother tongue of Danielle Darrieux is"], return_tensors="pt")["input_ids"]
+    base = model(input_ids=ids).logits
+    mem = attach(model, ad, 1, RoutedFFN(make_router("cosine"), ad.d_key, ad.d_model))
+    assert torch.equal(model(input_ids=ids).logits, base), "empty memory must be bit-identical"
+    keys = compute_keys(model, tokenizer, ad, 1, REQS[:1], ["{}"])
+    mem.add(["e1"], keys, torch.full((1, ad.d_model), 3.0))
+    edited = model(input_ids=ids).logits
+    pos = encode(tokenizer, REQS[0].prompt, REQS[0].subject).subject_last
+    assert torch.equal(edited[0, :pos], base[0, :pos]), "tokens before the subject are untouched"
+    assert not torch.allclose(edited[0, pos:], base[0, pos:]), "the stored key must gate on at the subject"
+    mem.enabled.fill_(False)
+    assert torch.equal(model(input_ids=ids).logits, base), "routing off must be bit-identical"
+    mem.enabled.fill_(True)
+    mem.delete(["e1"])
+    assert torch.equal(model(input_ids=ids).logits, base), "deleting restores the exact logits"
+    detach(model, ad, 1)
+    assert type(ad.down_proj(1)).__name__ != "RoutedDownProj"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_truncated_optimiser_matches_reference(family, tokenizer):
+    model = build_tiny(family)
+    ad = get_adapter(model)
+    hp = ValueHparams(steps=6, lr=0.1)
+    fast = optimise_residuals(model, tokenizer, ad, 1, REQS, TEMPLATES, hp)
+    ref = optimise_residuals_reference(model, tokenizer, ad, 1, REQS, TEMPLATES, hp)
+    assert fast.steps == ref.steps
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-4, atol=0)
+    torch.testing.assert_close(fast.residuals, ref.residuals, rtol=0, atol=1e-3)
+    assert fast.residuals.abs().sum() > 0, "the optimiser must move the residuals"
+    assert (fast.loss < ref.loss.new_tensor([float("inf")])).all()
+
+
+def test_optimiser_early_stop_and_clamp_match(tokenizer):
+    model = build_tiny("llama", seed=3)
+    ad = get_adapter(model)
+    # A large lr and a tight clamp make the clamp bind; a high stop loss stops some edits early.
+    hp = ValueHparams(steps=8, lr=2.0, clamp_norm_factor=0.5, stop_loss=10.9)
+    fast = optimise_residuals(model, tokenizer, ad, 2, REQS, TEMPLATES, hp)
+    ref = optimise_residuals_reference(model, tokenizer, ad, 2, REQS, TEMPLATES, hp)
+    assert fast.steps == ref.steps
+    torch.testing.assert_close(fast.residuals, ref.residuals, rtol=0, atol=1e-3)
+
+
+def test_unsupported_family_is_refused():
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(UnsupportedModelError, match="bert"):
+        get_adapter(model)
+
+
+def test_layer_out_of_range(tokenizer):
+    ad = get_adapter(build_tiny("llama"))
+    with pytest.raises(ValueError, match="out of range"):
+        ad.down_proj(4)
