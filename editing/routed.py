@@ -52,6 +52,7 @@ class RoutedFFN(nn.Module):
         self.register_buffer("rows", torch.zeros(capacity, d_key, device=device, dtype=dtype))
         self.register_buffer("residuals", torch.zeros(capacity, d_model, device=device, dtype=dtype))
         self.register_buffer("bias", torch.full((capacity,), float("-inf"), device=device, dtype=dtype))
+        self.register_buffer("gain", torch.zeros(capacity, device=device, dtype=dtype))
         self.register_buffer("basis", torch.zeros(d_key, max(prefilter_dim, 1), device=device, dtype=dtype))
         self.register_buffer("low", torch.zeros(capacity, max(prefilter_dim, 1), device=device, dtype=dtype))
         self.register_buffer("hits", torch.zeros((), dtype=torch.long, device=device))
@@ -72,7 +73,7 @@ class RoutedFFN(nn.Module):
         return x if self.reduce is None else self.reduce(x)
 
     def route(self, key: torch.Tensor):
-        """Best row, its score and the residual weight for every token.
+        """Best row, its gate score and the residual weight for every token.
 
         key: [T, d_key]. Returns best [T] long, score [T], weight [T] (0 where gated off).
         """
@@ -88,6 +89,7 @@ class RoutedFFN(nn.Module):
         else:
             scores = self._r(key @ self.rows.T) * scale[:, None] + self.bias  # [T, cap]
             score, best = scores.max(dim=-1)
+        score = score * self.gain[best]
         weight = self.router.weight(score, self.threshold) * self.enabled
         return best, score, weight
 
@@ -130,6 +132,7 @@ class RoutedFFN(nn.Module):
         self.rows = grow(self.rows, 0.0)
         self.residuals = grow(self.residuals, 0.0)
         self.bias = grow(self.bias, float("-inf"))
+        self.gain = grow(self.gain, 0.0)
         self.low = grow(self.low, 0.0)
         self._free = list(range(new - 1, cap - 1, -1)) + self._free
         self._update_prefilter_switch()
@@ -151,7 +154,7 @@ class RoutedFFN(nn.Module):
         """Fit the prefilter basis to the top principal directions of the stored rows (or `sample` [n, d_key])."""
         if not self.prefilter_dim:
             return
-        x = self.rows[torch.isfinite(self.bias)] if sample is None else self.router.derive_rows(sample.to(self.rows))
+        x = self.rows[torch.isfinite(self.bias)] if sample is None else self.router.derive_rows(sample.to(self.rows))[0]
         if x.shape[0] == 0:
             return
         x = x.float()
@@ -191,6 +194,7 @@ class RoutedFFN(nn.Module):
                 slot = self.slots.pop(eid, None)
                 if slot is not None:
                     self.bias[slot] = float("-inf")
+                    self.gain[slot] = 0.0
                     self.rows[slot].zero_()
                     self.residuals[slot].zero_()
                     self.low[slot].zero_()
@@ -202,8 +206,10 @@ class RoutedFFN(nn.Module):
                 for eid in new_ids:
                     self.slots[eid] = self._free.pop()
                 idx = torch.tensor([self.slots[e] for e in added_ids], device=self.rows.device)
-                rows = self.router.derive_rows(keys.to(self.rows.device)).to(self.rows.dtype)
+                rows, gain = self.router.derive_rows(keys.to(self.rows.device))
+                rows = rows.to(self.rows.dtype)
                 self.rows[idx] = rows
+                self.gain[idx] = gain.to(self.gain.dtype)
                 self.residuals[idx] = residuals.to(self.residuals)
                 self.bias[idx] = 0.0
                 if self.has_basis:

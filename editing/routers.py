@@ -1,15 +1,19 @@
 """Routers: per-token choice of the stored edit whose residual applies, and its gate.
 
-Every router scores a query key q against stored rows as `scale(|q|^2) * (q . row_j)`:
-- cosine (NeuralDB): rows are unit keys, scale = 1/|q|; gate on score > gamma.
-- whitened (DEPTRAI): rows are w_j = C^-1 mu_j with C = C0 + mu_j mu_j^T, normalised so a
-  stored key scores exactly 1 against itself; scale = 1; gate on score > tau. By
-  Sherman-Morrison w_j is parallel to C0^-1 mu_j, so rows are C0^-1 mu_j / (mu_j^T C0^-1 mu_j).
+Every router picks, per token, the row j maximising `scale(|q|^2) * (q . row_j)` and gates on
+`gate score = that score * gain_j`:
+- cosine (NeuralDB): rows are unit keys, scale = 1/|q|, gain = 1; gate on cos > gamma.
+- whitened (DEPTRAI): the gate score is w_j . q with w_j = C^-1 mu_j, C = C0 + mu_j mu_j^T,
+  normalised so a stored key scores exactly 1 against itself. By Sherman-Morrison w_j is
+  parallel to C0^-1 mu_j, so the gate score is mu_j^T C0^-1 q / |mu_j|_M^2 (|x|_M^2 = x^T C0^-1 x).
+  Selection uses rows C0^-1 mu_j / |mu_j|_M (then gain = 1/|mu_j|_M): by Cauchy-Schwarz in
+  the C0^-1 inner product a stored key then selects itself, which the raw w_j . q does not
+  guarantee when keys differ in Mahalanobis norm. See docs/adr/0001-routing.md.
 - margin (iReVa): cosine match; the single best neuron fires with a shifted GELU of
   (match - theta), normalised to 1 at a perfect match, and is silent below theta.
-Rows are derived from raw keys on every load (never trusted from storage). Writing scores
-as a scaled dot product keeps every reduction over d_key additive, so under tensor
-parallelism partial dot products and squared norms are all-reduced and nothing else changes.
+Rows are derived from raw keys on every load (never trusted from storage). Scores are
+scaled dot products, so every reduction over d_key is additive: under tensor parallelism
+partial dot products and squared norms are all-reduced and nothing else changes.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ class Router(nn.Module):
     default_threshold = 0.5
 
     @abc.abstractmethod
-    def derive_rows(self, keys: torch.Tensor) -> torch.Tensor:
-        """Stored keys [n, d_key] -> score rows [n, d_key] (float32)."""
+    def derive_rows(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored keys [n, d_key] -> selection rows [n, d_key] and gate gains [n] (float32)."""
 
     def query_scale(self, sq_norm: torch.Tensor) -> torch.Tensor:
         """Per-token score scale from the query's squared norm [T] -> [T]."""
@@ -60,7 +64,7 @@ class CosineRouter(Router):
     default_threshold = 0.65
 
     def derive_rows(self, keys):
-        return F.normalize(keys.float(), dim=-1)
+        return F.normalize(keys.float(), dim=-1), torch.ones(keys.shape[0], device=keys.device)
 
     def query_scale(self, sq_norm):
         return torch.rsqrt(sq_norm.clamp_min(1e-12))
@@ -82,9 +86,9 @@ class WhitenedRouter(Router):
 
     def derive_rows(self, keys):
         mu = keys.double().to(self.c0_inv.device)
-        w = mu @ self.c0_inv  # [n, d_key] = (C0^-1 mu)^T (C0 symmetric)
-        norm = (w * mu).sum(-1, keepdim=True)  # mu^T C0^-1 mu > 0
-        return (w / norm).float()
+        w = mu @ self.c0_inv  # [n, d_key]: (C0^-1 mu)^T, C0 symmetric
+        m_norm = (w * mu).sum(-1).clamp_min(1e-30).sqrt()  # |mu|_M
+        return (w / m_norm[:, None]).float().to(keys.device), (1.0 / m_norm).float().to(keys.device)
 
     def config(self):
         return {"name": self.name, "ridge": self.ridge}

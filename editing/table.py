@@ -147,7 +147,7 @@ def table_tensors(table: pa.Table, spec: MemorySpec | None = None) -> tuple[list
         col = table.column(name).combine_chunks()
         width = col.type.list_size
         flat = col.flatten().to_numpy(zero_copy_only=False) if n else np.zeros(0, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32).reshape(n, width))
+        return torch.from_numpy(np.array(flat, dtype=np.float32, copy=True).reshape(n, width))
 
     return ids, mat("key"), mat("residual")
 

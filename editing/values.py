@@ -163,30 +163,93 @@ def _add_delta(out: torch.Tensor, batch: RewriteBatch, delta: torch.Tensor, rows
     return out.index_put((seq, batch.lookup), delta[edits].to(out.dtype), accumulate=True)
 
 
+@dataclass
+class _Aligned:
+    """The batch re-laid so every sequence's subject-last token sits in one column `split`.
+
+    Columns before `split` (the prefix) never change while delta is optimised, so they run
+    once and their attention keys/values are cached; every step runs only the suffix.
+    input_ids, attention_mask, position_ids: [S, W]; read_col: [M + B] suffix columns read by the loss.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    split: int
+    read_col: torch.Tensor
+
+
+def _align(batch: RewriteBatch, pad_id: int) -> _Aligned:
+    lengths = batch.attention_mask.sum(1)
+    split = int(batch.lookup.max())
+    offset = split - batch.lookup  # [S] left shift of each sequence
+    width = int((offset + lengths).max())
+    S, device = batch.input_ids.shape[0], batch.input_ids.device
+    cols = torch.arange(width, device=device)[None, :] - offset[:, None]  # source position of each column
+    valid = (cols >= 0) & (cols < lengths[:, None])
+    src = cols.clamp(0, batch.input_ids.shape[1] - 1)
+    ids = torch.where(valid, batch.input_ids.gather(1, src), torch.full_like(src, pad_id))
+    read_col = batch.read_pos + offset[batch.read_seq] - split
+    return _Aligned(ids, valid.long(), cols.clamp_min(0), split, read_col)
+
+
+def _cache_kv(cache, layer: int):
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def _set_cache_kv(cache, layer: int, kv) -> None:
+    if hasattr(cache, "layers"):
+        cache.layers[layer].keys, cache.layers[layer].values = kv
+    else:
+        cache.key_cache[layer], cache.value_cache[layer] = kv
+
+
 def optimise_residuals(model, tok, adapter: ArchAdapter, layer: int, requests, templates: list[str],
                        hp: ValueHparams | None = None) -> ValueResult:
     """Batched, truncated optimisation of every request's residual (see module doc).
 
-    Returns residuals [n, d_model] equal (up to float noise) to `optimise_residuals_reference`.
+    Every sequence is aligned on its subject-last token; the prefix columns run once (their
+    attention cache is kept) and each step runs only the suffix columns through the layers
+    above the edit layer. Returns residuals [n, d_model] equal (up to float noise) to
+    `optimise_residuals_reference`.
     """
+    from transformers import DynamicCache
+
     hp = hp or ValueHparams()
     device = next(model.parameters()).device
     batch = build_rewrite_batch(tok, requests, templates, device)
-    B, layers = batch.n_edits, adapter.layers
+    al = _align(batch, tok.pad_token_id)
+    B, layers, P = batch.n_edits, adapter.layers, al.split
     upper = list(range(layer + 1, len(layers)))
 
-    # One unedited pass: cache the edit layer's output, the calls of the layers above it,
-    # the unedited FFN output at the subject (v0) and the unedited essence distributions.
+    cache = DynamicCache()
     store: dict = {}
-    with torch.no_grad(), capture_calls([layers[layer]] + [layers[i] for i in upper]) as calls, \
-            capture_input(adapter.final_norm) as final_in, \
-            edit_output(adapter.down_proj(layer), lambda o: _keep(o, store)):
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    out_l = _first(calls[0]["output"]).detach()  # [S, T, d_model]
-    ffn_out = store["out"]
-    v0_norm = ffn_out[batch.rewrite_first, batch.lookup[batch.rewrite_first]].float().norm(dim=-1)
-    head_in = final_in[0][batch.read_seq, batch.read_pos]
+    with torch.no_grad():
+        if P > 0:
+            model(input_ids=al.input_ids[:, :P], attention_mask=al.attention_mask[:, :P],
+                  position_ids=al.position_ids[:, :P], past_key_values=cache, use_cache=True)
+        prefix_kv = {i: _cache_kv(cache, i) for i in upper} if P > 0 else {}
+        # The unedited suffix pass: the edit layer's output, the calls of the layers above it,
+        # the unedited FFN output at the subject (v0) and the unedited essence distributions.
+        with capture_calls([layers[layer]] + [layers[i] for i in upper]) as calls, \
+                capture_input(adapter.final_norm) as final_in, \
+                edit_output(adapter.down_proj(layer), lambda o: _keep(o, store)):
+            model(input_ids=al.input_ids[:, P:], attention_mask=al.attention_mask,
+                  position_ids=al.position_ids[:, P:], past_key_values=cache, use_cache=True)
+    out_l = _first(calls[0]["output"]).detach()  # [S, W - P, d_model]
+    v0_norm = store["out"][batch.rewrite_first, 0].float().norm(dim=-1)  # subject column is suffix column 0
+    head_in = final_in[0][batch.read_seq, al.read_col]
     kl_init = torch.log_softmax(adapter.lm_head(adapter.final_norm(head_in))[-B:].float(), -1).detach()
+
+    def restore_cache():
+        for i in upper:
+            if P > 0:
+                _set_cache_kv(cache, i, prefix_kv[i])
+            elif hasattr(cache, "layers") and i < len(cache.layers):
+                cache.layers[i].keys = cache.layers[i].keys[..., :0, :]
+                cache.layers[i].values = cache.layers[i].values[..., :0, :]
 
     d_model = out_l.shape[-1]
     delta = torch.zeros(B, d_model, device=device, requires_grad=True)
@@ -195,11 +258,13 @@ def optimise_residuals(model, tok, adapter: ArchAdapter, layer: int, requests, t
     active = torch.ones(B, dtype=torch.bool, device=device)
     steps = [0] * B
     loss = nll = torch.zeros(B, device=device)
+    seq = torch.arange(out_l.shape[0], device=device)
     for it in range(hp.steps):
-        h = _add_delta(out_l, batch, delta)
+        restore_cache()
+        h = out_l.index_put((seq, torch.zeros_like(seq)), delta[batch.seq_edit].to(out_l.dtype), accumulate=True)
         for i, rec in zip(upper, calls[1:]):
             h = _first(layers[i](h, *rec["args"][1:], **rec["kwargs"]))
-        sel = h[batch.read_seq, batch.read_pos]  # [M + B, d_model]
+        sel = h[batch.read_seq, al.read_col]  # [M + B, d_model]
         logits = adapter.lm_head(adapter.final_norm(sel))
         loss_all, nll_all, _ = _edit_losses(logits, batch, delta, v0_norm, kl_init, hp)
         loss = torch.where(active, loss_all.detach(), loss)
@@ -216,6 +281,7 @@ def optimise_residuals(model, tok, adapter: ArchAdapter, layer: int, requests, t
         _clamp(delta, torch.where(active, max_norm, torch.full_like(max_norm, float("inf"))))
         for b in range(B):
             steps[b] += int(active[b])
+    restore_cache()
     return ValueResult(delta.detach().float(), loss, nll, steps)
 
 

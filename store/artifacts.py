@@ -1,0 +1,73 @@
+"""Small named blobs next to the memories (e.g. covariance statistics keyed by model, layer and corpus).
+
+Stored as rows of a Lance dataset, so a write is one atomic commit on any store URI and
+readers never see half a blob. A put of an existing key appends a newer row; `get` returns
+the newest one and checks its SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+
+import lance
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import CorruptMemoryError, StoreError
+from .lancefs import _not_found, append_rows, session
+
+SCHEMA = pa.schema([
+    pa.field("kind", pa.string(), nullable=False),
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("data", pa.large_binary(), nullable=False),
+    pa.field("meta", pa.string(), nullable=False),
+    pa.field("sha256", pa.string(), nullable=False),
+    pa.field("written_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+
+
+class ArtifactStore:
+    """Blobs keyed by (kind, key) under one store root."""
+
+    def __init__(self, root: str, storage_options: dict | None = None):
+        self.uri = f"{root}/_artifacts.lance"
+        self.storage_options = storage_options
+
+    def put(self, kind: str, key: str, data: bytes, meta: dict | None = None) -> str:
+        """Store `data` under (kind, key) atomically; returns its SHA-256."""
+        if not kind or not isinstance(kind, str) or not isinstance(key, str):
+            raise StoreError(f"artifact {kind!r}/{key!r}: kind and key must be non-empty strings")
+        try:
+            meta_json = json.dumps(meta or {}, sort_keys=True)
+        except TypeError as exc:
+            raise StoreError(f"artifact {kind}/{key}: meta is not JSON-serialisable: {exc}") from exc
+        digest = hashlib.sha256(data).hexdigest()
+        row = pa.table(
+            {"kind": [kind], "key": [key], "data": [bytes(data)], "meta": [meta_json], "sha256": [digest],
+             "written_at": [datetime.now(timezone.utc)]},
+            schema=SCHEMA,
+        )
+        append_rows(self.uri, row, self.storage_options)
+        return digest
+
+    def get(self, kind: str, key: str) -> tuple[bytes, dict] | None:
+        """(data, meta) of the newest blob under (kind, key), or None."""
+        try:
+            ds = lance.dataset(self.uri, session=session(), storage_options=self.storage_options)
+        except (ValueError, OSError) as exc:
+            if _not_found(str(exc)):
+                return None
+            raise CorruptMemoryError(f"artifacts: cannot open {self.uri}: {exc}") from exc
+        index = ds.scanner(columns=["kind", "key", "written_at"], with_row_address=True).to_table()
+        hits = index.filter(pc.and_(pc.equal(index.column("kind"), kind), pc.equal(index.column("key"), key)))
+        if hits.num_rows == 0:
+            return None
+        newest = pc.sort_indices(hits, sort_keys=[("written_at", "descending"), ("_rowaddr", "descending")])[0].as_py()
+        addr = hits.column("_rowaddr")[newest].as_py()
+        row = ds._take_rows([addr], columns=["data", "meta", "sha256"]).to_pylist()[0]
+        data = row["data"]
+        if hashlib.sha256(data).hexdigest() != row["sha256"]:
+            raise CorruptMemoryError(f"artifact {kind}/{key}: checksum mismatch (corrupt blob)")
+        return data, json.loads(row["meta"])

@@ -1,0 +1,144 @@
+"""Routers, the routed layer's buffers, and second-moment statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_tiny
+from editing.adapters import get_adapter
+from editing.routed import RoutedFFN
+from editing.routers import mahalanobis_score, make_router, shifted_gelu_weight
+from editing.stats import SecondMoment, collect_second_moment, corpus_chunks, corpus_half
+
+D_KEY, D_MODEL = 256, 16
+
+
+def _anisotropic(n, seed=0):
+    """n keys from one anisotropic background distribution (fixed spectrum, shared mean)."""
+    q, _ = torch.linalg.qr(torch.randn(D_KEY, D_KEY, generator=torch.Generator().manual_seed(123)))
+    mix = torch.diag(torch.linspace(0.2, 2.0, D_KEY)) @ q
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D_KEY, generator=g) @ mix + 0.3
+
+
+def _c0(seed=1):
+    x = _anisotropic(4000, seed)
+    return (x.T @ x) / x.shape[0]
+
+
+@pytest.mark.parametrize("name", ["cosine", "whitened", "margin"])
+def test_stored_key_routes_to_itself_and_random_key_is_gated_off(name):
+    router = make_router(name, stats=_c0() if name == "whitened" else None)
+    mem = RoutedFFN(router, D_KEY, D_MODEL, capacity=4)
+    keys = _anisotropic(20, seed=5)
+    mem.add([f"e{i}" for i in range(20)], keys, torch.randn(20, D_MODEL))
+    assert mem.capacity >= 20, "capacity grows by doubling"
+    best, score, weight = mem.route(keys)
+    slots = torch.tensor([mem.slots[f"e{i}"] for i in range(20)])
+    assert torch.equal(best, slots)
+    torch.testing.assert_close(score, torch.ones(20), rtol=1e-4, atol=1e-4)
+    assert (weight > 0).all()
+    # Keys of other tokens, drawn from the same (background) distribution, are gated off.
+    _, score_r, weight_r = mem.route(_anisotropic(50, seed=9))
+    assert (weight_r == 0).all(), f"random keys must be gated off, scores {score_r.max()}"
+
+
+def test_whitened_scores_equal_explicit_mahalanobis_form():
+    c0 = _c0()
+    router = make_router("whitened", stats=c0, ridge=0.0)
+    mem = RoutedFFN(router, D_KEY, D_MODEL, capacity=8)
+    keys = _anisotropic(5, seed=7)
+    mem.add([str(i) for i in range(5)], keys, torch.zeros(5, D_MODEL))
+    q = torch.cat([keys + 0.2 * _anisotropic(5, seed=3), _anisotropic(30, seed=8)])
+    best, score, _ = mem.route(q)
+    slot_to_key = {mem.slots[str(i)]: i for i in range(5)}
+    explicit = torch.stack([mahalanobis_score(c0, keys[j], q) for j in range(5)], 1)  # [T, 5]
+    chosen = torch.tensor([slot_to_key[int(b)] for b in best])
+    torch.testing.assert_close(score.double(), explicit[torch.arange(len(q)), chosen], rtol=1e-4, atol=1e-4)
+    # Perturbed stored keys still select their own row.
+    assert chosen[:5].tolist() == list(range(5))
+
+
+def test_margin_activation_is_silent_below_margin_and_one_at_match():
+    assert shifted_gelu_weight(0.5, 0.6) == 0.0
+    assert shifted_gelu_weight(1.0, 0.6) == pytest.approx(1.0)
+    router = make_router("margin")
+    w = router.weight(torch.tensor([0.5, 0.6, 0.8, 1.0]), torch.tensor(0.6))
+    assert w[0] == 0 and w[1] == 0
+    assert 0 < w[2] < 1 and w[3] == pytest.approx(1.0)
+    assert w[2] == pytest.approx(shifted_gelu_weight(0.8, 0.6), rel=1e-5)
+
+
+def test_forward_applies_weighted_residual_and_is_exact_elsewhere():
+    mem = RoutedFFN(make_router("cosine"), D_KEY, D_MODEL)
+    keys = _anisotropic(3, seed=2)
+    res = torch.randn(3, D_MODEL)
+    mem.add(["a", "b", "c"], keys, res)
+    q = torch.cat([keys[1:2], torch.randn(1, D_KEY)])
+    base = torch.randn(2, D_MODEL)
+    out = mem(q, base)
+    torch.testing.assert_close(out[0], base[0] + res[1])
+    assert torch.equal(out[1], base[1])
+    mem.add(["b"], keys[1:2], res[0:1])  # replace by id keeps the slot
+    torch.testing.assert_close(mem(q, base)[0], base[0] + res[0])
+    assert mem.n_facts == 3
+    assert mem.delete(["b", "zzz"]) == 1
+    assert torch.equal(mem(q, base), base)
+    assert int(mem.hits) >= 2 and int(mem.tokens) == 6
+
+
+def test_prefilter_keeps_exact_top1_decisions():
+    g = torch.Generator().manual_seed(0)
+    n = 5000
+    # Like real FFN keys, most of the energy lies in a few directions.
+    signal = torch.randn(n, 24, generator=g) @ torch.randn(24, D_KEY, generator=g)
+    keys = signal + 0.3 * torch.randn(n, D_KEY, generator=g)
+    exact = RoutedFFN(make_router("cosine"), D_KEY, D_MODEL, capacity=n, prefilter_dim=0)
+    pre = RoutedFFN(make_router("cosine"), D_KEY, D_MODEL, capacity=n, prefilter_dim=16, prefilter_min_rows=1024,
+                    candidates=32)
+    ids = [str(i) for i in range(n)]
+    for m in (exact, pre):
+        m.add(ids, keys, torch.randn(n, D_MODEL, generator=g))
+    pre.fit_basis()
+    assert pre.use_prefilter
+    q = keys[:200] + 0.05 * torch.randn(200, D_KEY, generator=g)
+    b1, s1, w1 = exact.route(q)
+    b2, s2, w2 = pre.route(q)
+    assert torch.equal(b1, b2)
+    torch.testing.assert_close(s1, s2)
+
+
+def test_routed_ffn_under_torch_compile():
+    mem = RoutedFFN(make_router("cosine"), D_KEY, D_MODEL, capacity=16)
+    keys = _anisotropic(4, seed=3)
+    res = torch.randn(4, D_MODEL)
+    mem.add(list("abcd"), keys, res)
+    compiled = torch.compile(mem, fullgraph=True, dynamic=False)
+    q = torch.cat([keys[:2], torch.randn(2, D_KEY)])
+    base = torch.randn(4, D_MODEL)
+    torch.testing.assert_close(compiled(q, base), mem(q, base))
+    # Buffers updated in place after compilation are seen by the compiled graph.
+    mem.delete(["a"])
+    mem.threshold.fill_(0.99)
+    out = compiled(q, base)
+    assert torch.equal(out[0], base[0])
+    torch.testing.assert_close(out[1], base[1] + res[1])
+
+
+def test_statistics_shards_merge_to_whole_corpus(tokenizer):
+    from editing.data import data_file
+
+    model = build_tiny("llama")
+    ad = get_adapter(model)
+    text = corpus_half(data_file("wikitext2_test.raw").read_text(), "first")[:20000]
+    chunks = corpus_chunks(tokenizer, text, chunk_tokens=64)
+    whole = collect_second_moment(model, ad, 2, chunks, batch_size=4, meta={"layer": 2})
+    a = collect_second_moment(model, ad, 2, chunks[: len(chunks) // 2], batch_size=4, meta={"layer": 2})
+    b = collect_second_moment(model, ad, 2, chunks[len(chunks) // 2:], batch_size=4, meta={"layer": 2})
+    merged = SecondMoment.from_bytes(a.merge(b).to_bytes())
+    assert merged.count == whole.count == sum(len(c) for c in chunks)
+    torch.testing.assert_close(merged.mean, whole.mean, rtol=1e-6, atol=0)
+    assert torch.linalg.eigvalsh(whole.mean).min() > -1e-6  # a second moment is PSD
+    with pytest.raises(ValueError, match="layer"):
+        a.merge(SecondMoment.empty(ad.d_key, {"layer": 3}))
