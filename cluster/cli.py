@@ -23,6 +23,16 @@ model_app = typer.Typer(help="Prepare and inspect models.", no_args_is_help=True
 app.add_typer(edit_app, name="edit")
 app.add_typer(model_app, name="model")
 
+
+def _mount_optional() -> None:
+    """Mount the command groups of the service packages."""
+    from store.cli import memory_app
+
+    app.add_typer(memory_app, name="memory", help="Inspect, revert and export store memories.")
+
+
+_mount_optional()
+
 err = Console(stderr=True)
 out = Console()
 
@@ -119,7 +129,9 @@ def edit_run(
 def generate(
     prompts: list[str] = typer.Argument(..., help="prompts to continue greedily"),
     model: str = typer.Option("smollm2-135m"),
-    memory_dir: Optional[Path] = typer.Option(None, "--memory", help="folder (or file) of edits.arrow"),
+    memory_ref: Optional[str] = typer.Option(None, "--memory", help="edits.arrow folder/file, or a store memory NAME[@VERSION]"),
+    store: Optional[str] = typer.Option(None, help="store URI for a named memory"),
+    redis_url: Optional[str] = typer.Option(None, envvar="KVEDIT_REDIS_URL"),
     router: str = typer.Option("cosine"),
     threshold: Optional[float] = typer.Option(None),
     max_new_tokens: int = typer.Option(20, min=1),
@@ -135,12 +147,20 @@ def generate(
     rows = []
     base = editor.generate(prompts, max_new_tokens)
     edited = None
-    if memory_dir is not None:
+    if memory_ref is not None:
         try:
-            spec, table = read_edit_table(memory_dir)
+            if Path(memory_ref).exists():
+                spec, table = read_edit_table(memory_ref)
+            else:
+                from cluster.commit import open_store
+
+                name, _, ver = memory_ref.partition("@")
+                info, table = open_store(store, redis_url).load(name, int(ver) if ver else None)
+                spec, router = info.spec, info.router.get("name", router)
+                threshold = threshold if threshold is not None else info.router.get("threshold")
             editor.config.layer = spec.layer
             editor.attach(table, spec=spec, router=router, threshold=threshold)
-        except (MemoryMismatchError, FileNotFoundError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure here is reported to the user the same way
             fail(str(exc))
         edited = editor.generate(prompts, max_new_tokens)
     for i, p in enumerate(prompts):

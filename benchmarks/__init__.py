@@ -1,0 +1,33 @@
+"""`kvedit bench NAME`: each benchmark returns one JSON-able dict with its ratios and the raw figures.
+
+Ratios compare against a reference measured in the same run, never against stored seconds.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+
+def _lazy(module: str, fn: str):
+    def run(**kwargs):
+        import inspect
+
+        f = getattr(import_module(module), fn)
+        accepted = inspect.signature(f).parameters
+        return f(**{k: v for k, v in kwargs.items() if k in accepted})
+
+    return run
+
+
+BENCHMARKS = {
+    "value-opt": (_lazy("benchmarks.engine_bench", "bench_value_opt"),
+                  "edits/s of the batched, truncated optimiser vs the naive per-edit loop (field: speedup)"),
+    "routing-overhead": (_lazy("benchmarks.engine_bench", "bench_routing_overhead"),
+                         "prefill tokens/s routed vs base at 1K/10K/100K facts (field: overhead)"),
+    "covariance": (_lazy("benchmarks.engine_bench", "bench_covariance"),
+                   "tokens/s of statistics collection vs a forward to the edit layer (field: ratio)"),
+    "store-delta": (_lazy("benchmarks.store_bench", "bench_store_delta"),
+                    "1K-row delta read vs full reload of a 100K-row memory (field: speedup)"),
+    "store-commit": (_lazy("benchmarks.store_bench", "bench_store_commit"),
+                     "commit latency of 1K rows (p50/p99) and commits/s with 4 writers"),
+}

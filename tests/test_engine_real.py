@@ -1,0 +1,116 @@
+"""The core engine on the real default model (SmolLM2-135M), loaded once per test run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from editing import EditRecordError, EditRequest
+from editing.metrics import next_token_logits
+from editing.table import MemoryMismatchError, MemorySpec, read_edit_table
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ten_edits(smol, cf_valid):
+    recs = cf_valid[:10]
+    return recs, smol.compute(recs)
+
+
+def test_ten_counterfact_edits_work_and_deleting_restores_exact_logits(smol, ten_edits):
+    recs, edits = ten_edits
+    loc = [p for r in recs for p in r.locality_prompts]
+    probe = loc + [r.prompt for r in recs]
+    smol.detach()
+    base = next_token_logits(smol.model, smol.tok, probe)
+    pre = smol.efficacy(recs)
+    mem = smol.attach()
+    try:
+        assert torch.equal(next_token_logits(smol.model, smol.tok, probe), base), "empty memory is bit-identical"
+        mem.add(edits.edit_ids, edits.keys, edits.residuals)
+        eff = smol.efficacy(recs)
+        assert sum(eff) / len(eff) >= 0.9, f"efficacy {eff} (before editing {pre})"
+        after = next_token_logits(smol.model, smol.tok, loc)
+        changed = [p for p, a, b in zip(loc, after.argmax(-1), base[: len(loc)].argmax(-1)) if a != b]
+        assert not changed, f"locality prompts whose top-1 changed: {changed}"
+        assert mem.delete(edits.edit_ids) == 10
+        assert torch.equal(next_token_logits(smol.model, smol.tok, probe), base), "deletion restores exact logits"
+    finally:
+        smol.detach()
+
+
+def test_edit_table_round_trips(smol, ten_edits, tmp_path):
+    from editing.table import table_tensors, write_edit_table
+
+    _, edits = ten_edits
+    spec, table = read_edit_table(write_edit_table(edits.table, tmp_path))
+    assert spec == smol.spec
+    ids, k, v = table_tensors(table, smol.spec)
+    assert ids == edits.edit_ids
+    assert torch.equal(k, edits.keys) and torch.equal(v, edits.residuals)
+    other = MemorySpec("llama-0000", spec.layer, spec.d_key, spec.d_model)
+    with pytest.raises(MemoryMismatchError, match="model_fingerprint"):
+        smol.attach(table, spec=other)
+    with pytest.raises(MemoryMismatchError, match="layer"):
+        table_tensors(table, MemorySpec(spec.model_fingerprint, spec.layer + 1, spec.d_key, spec.d_model))
+    smol.detach()
+
+
+@pytest.mark.parametrize("req, field", [
+    (EditRequest(subject="Paris", prompt="The capital of France is", target_new="Rome"), "subject"),
+    (EditRequest(subject="France", prompt="The capital of France is", target_new="  "), "target_new"),
+    (EditRequest(subject="France", prompt="The capital of France is", target_new="a " * 40), "target_new"),
+    (EditRequest(subject=3, prompt="The capital of France is", target_new="Rome"), "subject"),
+])
+def test_bad_records_name_the_field(smol, req, field):
+    with pytest.raises(EditRecordError) as exc:
+        smol.validate([EditRequest(subject="France", prompt="France is in", target_new="Europe"), req])
+    assert exc.value.field == field and exc.value.index == 1, str(exc.value)
+
+
+def test_conflicting_targets_in_one_batch_are_refused(smol):
+    a = EditRequest(subject="France", prompt="The capital of France is", target_new="Rome")
+    b = EditRequest(subject="France", prompt="The capital of France is", target_new="Berlin")
+    with pytest.raises(EditRecordError, match="conflicts with record 0"):
+        smol.validate([a, b])
+
+
+def test_cli_edit_run_and_generate(tmp_path, cf_valid):
+    from cluster.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "mem"
+    res = runner.invoke(app, ["edit", "run", "counterfact_valid.json", "--limit", "2", "--offset", "10",
+                              "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["n_edits"] == 2 and len(report["edit_ids"]) == 2 and report["seconds"] > 0
+    assert 0.0 <= report["efficacy"] <= 1.0
+    spec, table = read_edit_table(out)
+    assert table.num_rows == 2 and table.column("subject").to_pylist() == [r.subject for r in cf_valid[10:12]]
+    res = runner.invoke(app, ["generate", "--memory", str(out), "--max-new-tokens", "5", "--json", cf_valid[10].prompt])
+    assert res.exit_code == 0, res.output
+    gen = json.loads(res.stdout.strip().splitlines()[-1])["generations"][0]
+    assert set(gen) == {"prompt", "base", "edited"}
+
+
+def test_cli_bad_batch_writes_nothing(tmp_path):
+    from cluster.cli import app
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(
+        json.dumps({"case_id": 1, "subject": "France", "prompt": "The capital of France is", "target_new": "Rome", "target_true": "Paris"}) + "\n"
+        + json.dumps({"case_id": 2, "subject": "Spain", "prompt": "The capital of France is", "target_new": "Rome", "target_true": "Paris"}) + "\n"
+    )
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["edit", "run", str(data), "--out", str(out), "--json"])
+    assert res.exit_code == 2
+    assert "record 1" in res.output and "case_id=2" in res.output and "'subject'" in res.output
+    assert not out.exists()
+    data.write_text(data.read_text().splitlines()[0] + "\n")
+    res = CliRunner().invoke(app, ["edit", "run", str(data), "--out", str(out), "--layer", "99"])
+    assert res.exit_code == 2 and "out of range" in res.output
