@@ -28,7 +28,10 @@ def _mount_optional() -> None:
     """Mount the command groups of the service packages."""
     from store.cli import memory_app
 
+    from serving.cli import serve_command
+
     app.add_typer(memory_app, name="memory", help="Inspect, revert and export store memories.")
+    app.command("serve")(serve_command)
 
 
 _mount_optional()
@@ -173,6 +176,43 @@ def generate(
         out.print(f"  base:   {r['base']!r}", highlight=False)
         if "edited" in r:
             out.print(f"  edited: {r['edited']!r}", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    data: str = typer.Option("counterfact_valid.json", help="records file (shared data name or path)"),
+    method: str = typer.Option("cosine", help="router: cosine | whitened | margin"),
+    edits: int = typer.Option(10, "--edits", min=1, help="T: number of edits"),
+    offset: int = typer.Option(0, min=0),
+    layer: Optional[int] = typer.Option(None),
+    threshold: Optional[float] = typer.Option(None),
+    batch: int = typer.Option(32, min=1, help="b: edits per batch (1 = strictly sequential)"),
+    seed: int = typer.Option(0),
+    model: str = typer.Option("smollm2-135m"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Edit T facts sequentially in batches of b, then report CounterFact/zsRE metrics, robustness and withdrawal."""
+    _setup_logging()
+    from editing import Editor, EditRecordError, load_records
+    from editing.data import data_file
+    from editing.evaluate import run_sequential
+    from editing.stats import corpus_half, default_corpus_path
+
+    try:
+        records = load_records(data_file(data), limit=edits, offset=offset)
+        editor = Editor.load(model, layer=layer, router=method, threshold=threshold, seed=seed, batch_size=batch)
+    except (EditRecordError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    held_out = corpus_half(default_corpus_path().read_text(), "second")
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=True, disable=as_json) as prog:
+        task = prog.add_task("editing", total=len(records))
+        result = run_sequential(editor, records, batch, router=method, threshold=threshold,
+                                perplexity_text=held_out[:40_000], long_context_text=held_out[40_000:60_000],
+                                progress=lambda n: prog.advance(task, n))
+    result = {"method": method, "data": data, **result}
+    emit(result, as_json)
 
 
 @app.command("bench")

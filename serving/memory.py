@@ -1,0 +1,523 @@
+"""A replica's memory: check it against the served model, load a version, follow new ones.
+
+One implementation serves both backends:
+
+    resolved = resolve_memory(settings, served)       # store + spec check; fails fast at start
+    routed = build_routed(resolved)                    # the core RoutedFFN, empty
+    follower = MemoryFollower(resolved, routed, ...)
+    follower.load()                                    # the start version, applied now
+    follower.start()                                   # watcher thread (not for NAME@VERSION)
+    ...
+    follower.step_boundary()                           # apply staged versions (no forward running)
+
+The watcher thread never touches the routed buffers while a forward may run: it fetches
+`MemoryStore.changes(since)` deltas, turns them into tensors and *stages* them. They are
+applied by `step_boundary()` (or `apply()`), which holds `routed.lock` and applies every
+staged version in order, so each forward step sees exactly one version. The HF backend
+lets the watcher apply directly (`auto_apply=True`) because its generate call holds
+`routed.lock`; vLLM applies at the model's outer forward and at the `kvedit_sync` RPC.
+
+The watcher subscribes to the memory's Redis channel. When Redis is unreachable it polls
+the store (which needs no Redis to read) every `poll_seconds` and retries Redis with
+exponential backoff; after (re)subscribing it checks the store head, so commits announced
+while it was disconnected are never missed. Even while subscribed it re-checks the head
+every `RESYNC_SECONDS` (a writer killed between commit and notification publishes nothing).
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+import redis
+import torch
+
+from editing.models import cache_dir
+from editing.routed import RoutedFFN
+from editing.routers import ROUTERS, Router, make_router
+from editing.stats import SecondMoment
+from editing.table import MemoryMismatchError, MemorySpec, table_tensors
+from serving.errors import MemoryFollowError, ServingConfigError
+from serving.settings import MemorySettings
+from store import MemoryInfo, MemoryStore, StoreError, StoreUnavailableError, VersionNotFoundError
+
+logger = logging.getLogger(__name__)
+
+RESYNC_SECONDS = 15.0  # head check while subscribed (missed notifications)
+MAX_BACKOFF_SECONDS = 30.0  # longest wait between Redis reconnection attempts (at most 10 polls)
+MAX_PENDING = 8  # staged deltas beyond this are collapsed into one snapshot
+STATS_ARTIFACT = "stats"  # artifact kind holding C0 for the whitened router
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What a replica serves: fingerprint, layer count and full (unsharded) FFN sizes."""
+
+    fingerprint: str
+    n_layers: int
+    d_key: int
+    d_model: int
+
+
+@dataclass(frozen=True)
+class KeyShard:
+    """This tensor-parallel rank's key columns [start, end) and an all-gather over the TP group.
+
+    `gather` maps [n, end - start] on every rank to [n, d_key] (ranks concatenated in order).
+    """
+
+    start: int
+    end: int
+    gather: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ResolvedMemory:
+    """A memory checked against the served model: its store, the version to load first, the spec."""
+
+    store: MemoryStore
+    info: MemoryInfo
+    spec: MemorySpec
+    pinned: bool
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+def resolve_memory(settings: MemorySettings, served: ServedModel) -> ResolvedMemory:
+    """Open the store and check the memory's spec (fingerprint, layer, sizes) against the served model.
+
+    Raises `MemoryMismatchError` for a memory built for another model or layer (or when
+    KVEDIT_LAYER disagrees with it), `store.MemoryNotFoundError` / `VersionNotFoundError`
+    for a missing memory or version.
+    """
+    if settings.memory is None:
+        raise ServingConfigError("no memory to serve (set KVEDIT_MEMORY=NAME[@VERSION] or pass --memory)")
+    ref = settings.memory
+    store = MemoryStore(settings.store, settings.redis_url)
+    info = store.info(ref.name, ref.version)
+    layer = info.spec.layer
+    where = f"memory {ref.name!r} v{info.version}"
+    if settings.layer is not None and settings.layer != layer:
+        raise MemoryMismatchError(
+            f"{where} is bound to layer {layer}, but the replica was told to edit layer {settings.layer} "
+            f"(KVEDIT_LAYER); unset KVEDIT_LAYER or serve a memory built for layer {settings.layer}"
+        )
+    if not 0 <= layer < served.n_layers:
+        raise MemoryMismatchError(f"{where} is bound to layer {layer}, but the served model has {served.n_layers} layers")
+    expected = MemorySpec(served.fingerprint, layer, served.d_key, served.d_model)
+    try:
+        info.check(expected)
+    except MemoryMismatchError as exc:
+        raise MemoryMismatchError(
+            f"{exc}. This replica serves model {served.fingerprint} (d_key={served.d_key}, d_model={served.d_model}); "
+            "serve the model the memory was built on, or rebuild the memory on this model"
+        ) from exc
+    return ResolvedMemory(store, info, expected, pinned=ref.version is not None)
+
+
+# ---------------------------------------------------------------------------------------------- routers
+
+
+def load_second_moment(spec: MemorySpec, store: MemoryStore | None, key: str | None = None) -> SecondMoment:
+    """C0 of the edit layer for the whitened router.
+
+    Looked up as store artifact ("stats", key or "<fingerprint>-L<layer>"), then in the local
+    statistics cache that `Editor.stats()` writes (`cache_dir()/stats/<fingerprint>-L<layer>-*.pt`).
+    """
+    key = key or f"{spec.model_fingerprint}-L{spec.layer}"
+    if store is not None:
+        found = store.get_artifact(STATS_ARTIFACT, key)
+        if found is not None:
+            return SecondMoment.from_bytes(found[0])
+    local = sorted((cache_dir() / "stats").glob(f"{spec.model_fingerprint}-L{spec.layer}-*.pt"),
+                   key=lambda p: p.stat().st_mtime)
+    if local:
+        return SecondMoment.load(local[-1])
+    raise ServingConfigError(
+        f"the whitened router needs C0 statistics of layer {spec.layer} of model {spec.model_fingerprint}: "
+        f"none in the store (artifact {STATS_ARTIFACT}/{key}) nor in {cache_dir() / 'stats'}; "
+        "compute them once with Editor.stats() on this host or put them in the store"
+    )
+
+
+def make_memory_router(config: dict, spec: MemorySpec, store: MemoryStore | None) -> tuple[Router, float | None]:
+    """(router, threshold) from a memory's router config `{"name", "threshold", **router kwargs}`.
+
+    A missing name means "cosine"; a missing threshold means the router's default. Keys the
+    router's constructor does not take are ignored.
+    """
+    cfg = dict(config or {})
+    name = cfg.pop("name", None) or "cosine"
+    threshold = cfg.pop("threshold", None)
+    if name not in ROUTERS:
+        raise ServingConfigError(f"memory router {name!r} is unknown; known: {', '.join(sorted(ROUTERS))}")
+    params = inspect.signature(ROUTERS[name].__init__).parameters
+    kwargs = {k: v for k, v in cfg.items() if k in params and k not in ("self", "c0", "stats")}
+    stats = load_second_moment(spec, store, cfg.get("stats")) if name == "whitened" else None
+    return make_router(name, stats=stats, **kwargs), (None if threshold is None else float(threshold))
+
+
+class ShardedRouter(Router):
+    """A router for one tensor-parallel rank holding key columns [start, end).
+
+    Rows are derived from the *full* keys (all-gathered from the ranks' slices: cosine and
+    whitened rows are not separable by columns), then sliced. Query scales and gates are
+    the inner router's; RoutedFFN's `reduce` all-reduces partial dot products and norms.
+    """
+
+    def __init__(self, inner: Router, shard: KeyShard):
+        super().__init__()
+        self.inner = inner
+        self.shard = shard
+        self.name = inner.name
+        self.default_threshold = inner.default_threshold
+
+    def derive_rows(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys [n, end - start] (this rank's slice) -> rows [n, end - start], gains [n]."""
+        rows, gain = self.inner.derive_rows(self.shard.gather(keys))
+        return rows[:, self.shard.start:self.shard.end].contiguous(), gain
+
+    def query_scale(self, sq_norm: torch.Tensor) -> torch.Tensor:
+        return self.inner.query_scale(sq_norm)
+
+    def weight(self, score: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        return self.inner.weight(score, threshold)
+
+    def config(self) -> dict:
+        return self.inner.config()
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def build_routed(resolved: ResolvedMemory, capacity: int | None = None, shard: KeyShard | None = None,
+                 device: torch.device | str | None = None) -> RoutedFFN:
+    """An empty RoutedFFN for the memory's router and sizes (this rank's key slice under TP).
+
+    Default capacity: the next power of two holding the start version's rows (at least 64).
+    """
+    router, threshold = make_memory_router(resolved.info.router, resolved.spec, resolved.store)
+    if shard is not None:
+        router = ShardedRouter(router, shard)
+    d_key = resolved.spec.d_key if shard is None else shard.end - shard.start
+    cap = capacity or next_pow2(max(64, resolved.info.n_rows))
+    routed = RoutedFFN(router, d_key, resolved.spec.d_model, capacity=cap, threshold=threshold, device=device)
+    routed.float()  # fp32 memory and threshold whatever the model's default dtype (bool/long buffers stay)
+    routed.memory_name = resolved.name
+    return routed
+
+
+# ---------------------------------------------------------------------------------------------- following
+
+
+@dataclass
+class StagedUpdate:
+    """One memory version, ready to apply.
+
+    `base_version` None means a snapshot: after applying, the memory holds exactly these rows.
+    keys [n, d_key] (full width), residuals [n, d_model], float32 CPU.
+    """
+
+    version: int
+    base_version: int | None
+    added_ids: list[str]
+    keys: torch.Tensor
+    residuals: torch.Tensor
+    deleted_ids: list[str]
+    router: dict
+    n_rows: int
+    committed_at: float | None = None  # unix seconds
+    staged_at: float = field(default_factory=time.time)
+
+
+def _timestamp(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return None
+
+
+class MemoryFollower:
+    """Loads a memory into a RoutedFFN and keeps it at the store's latest version.
+
+    Args:
+        resolved: the checked memory (`resolve_memory`).
+        routed: the RoutedFFN the model calls (`build_routed`).
+        poll_seconds: store polling interval while Redis is unreachable.
+        auto_apply: apply staged versions from the watcher thread (the HF backend, whose
+            generate holds `routed.lock`); otherwise the owner calls `step_boundary()`.
+        shard: this rank's key slice under tensor parallelism.
+        fixed_capacity: never grow the buffers (compiled graphs / CUDA graphs hold their
+            addresses); a version with more rows than `routed.capacity` is refused.
+        watch: run the watcher (False on TP ranks that receive updates from rank 0).
+    """
+
+    def __init__(self, resolved: ResolvedMemory, routed: RoutedFFN, *, poll_seconds: float = 2.0,
+                 auto_apply: bool = False, shard: KeyShard | None = None, fixed_capacity: bool = False,
+                 watch: bool = True):
+        self.store = resolved.store
+        self.name = resolved.name
+        self.spec = resolved.spec
+        self.start_version = resolved.info.version
+        self.pinned = resolved.pinned
+        self.routed = routed
+        self.poll_seconds = poll_seconds
+        self.max_backoff = min(MAX_BACKOFF_SECONDS, 10 * poll_seconds)
+        self.auto_apply = auto_apply
+        self.shard = shard
+        self.fixed_capacity = fixed_capacity
+        self.watch = watch and not resolved.pinned
+        self.router_name = (resolved.info.router or {}).get("name") or "cosine"
+        self._pending: list[StagedUpdate] = []
+        self._stage_lock = threading.Lock()
+        self._staged_version: int | None = None
+        self._latencies: collections.deque[float] = collections.deque(maxlen=1024)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.redis_connected = False
+        self.errors = 0
+        self.last_error: str | None = None
+        self.blocked_version: int | None = None
+
+    # ------------------------------------------------------------------ reading the store
+    def _snapshot(self, version: int | None) -> StagedUpdate:
+        info, table = self.store.load(self.name, version, spec=self.spec)
+        ids, keys, res = table_tensors(table, self.spec)
+        return StagedUpdate(info.version, None, ids, keys, res, [], info.router, info.n_rows,
+                            committed_at=_timestamp(info.committed_at))
+
+    def _delta(self, since: int, until: int | None, committed_at: float | None) -> StagedUpdate | None:
+        try:
+            d = self.store.changes(self.name, since, until)
+        except VersionNotFoundError:  # `since` was compacted away: read the whole version instead
+            logger.info("memory %r: v%d is no longer in the store; reloading the whole memory", self.name, since)
+            return self._snapshot(until)
+        if d.to_version <= since:
+            return None
+        ids, keys, res = table_tensors(d.added, self.spec)
+        if committed_at is None or until != d.to_version:
+            committed_at = _timestamp(self.store.info(self.name, d.to_version).committed_at)
+        return StagedUpdate(d.to_version, since, ids, keys, res, list(d.deleted), d.router, d.n_rows,
+                            committed_at=committed_at)
+
+    # ------------------------------------------------------------------ staging and applying
+    def load(self, version: int | None = None) -> None:
+        """Read one version whole (the resolved start version by default) and apply it now."""
+        update = self._snapshot(self.start_version if version is None else version)
+        with self._stage_lock:
+            self._pending.clear()
+            self._staged_version = update.version
+        self.apply([update], measure=False)
+        r = self.routed
+        if r.version != update.version:
+            raise MemoryFollowError(self.last_error or f"memory {self.name!r} v{update.version} could not be loaded")
+        if r.prefilter_dim and r.n_facts >= r.prefilter_min_rows and not self.fixed_capacity:
+            r.fit_basis()
+        logger.info("memory %r v%d loaded: %d facts at layer %d", self.name, update.version, r.n_facts, self.spec.layer)
+
+    def stage(self, update: StagedUpdate, replace: bool = False) -> None:
+        """Queue a version for the next step boundary (`replace`: drop what is queued, `update` is a snapshot)."""
+        with self._stage_lock:
+            if replace:
+                self._pending = [update]
+            else:
+                self._pending.append(update)
+            self._staged_version = update.version
+        logger.info("memory %r v%d staged (%d added, %d deleted)", self.name, update.version,
+                    len(update.added_ids), len(update.deleted_ids))
+        if self.auto_apply:
+            self.apply_pending()
+
+    def take_pending(self) -> list[StagedUpdate]:
+        """Remove and return the staged versions, oldest first."""
+        if not self._pending:  # cheap check on every step
+            return []
+        with self._stage_lock:
+            out, self._pending = self._pending, []
+        return out
+
+    def step_boundary(self) -> bool:
+        """Apply every staged version. Call only when no forward is running. True if the version changed."""
+        return self.apply_pending()
+
+    def apply_pending(self) -> bool:
+        updates = self.take_pending()
+        return self.apply(updates) if updates else False
+
+    def apply(self, updates: list[StagedUpdate], measure: bool = True) -> bool:
+        """Apply versions in order under `routed.lock` (one atomic change for the forward)."""
+        r = self.routed
+        applied: list[StagedUpdate] = []
+        with r.lock:
+            for u in updates:
+                if u.version <= (r.version if r.version is not None else -1) and u.base_version is not None:
+                    continue
+                problem = self._refusal(u)
+                if problem:
+                    self._fail(problem)
+                    self.blocked_version = u.version
+                    break
+                keys = u.keys if self.shard is None else u.keys[:, self.shard.start:self.shard.end]
+                if u.base_version is None:
+                    keep = set(u.added_ids)
+                    deleted = [e for e in r.slots if e not in keep]
+                else:
+                    deleted = u.deleted_ids
+                r.apply(u.added_ids, keys, u.residuals, deleted, version=u.version)
+                thr = (u.router or {}).get("threshold")
+                r.threshold.fill_(r.router.default_threshold if thr is None else float(thr))
+                applied.append(u)
+        now = time.time()
+        for u in applied:
+            if measure and u.committed_at is not None:
+                self._latencies.append(max(0.0, now - u.committed_at))
+            logger.info("memory %r v%d applied (%d facts)", self.name, u.version, r.n_facts)
+        return bool(applied)
+
+    def _refusal(self, u: StagedUpdate) -> str | None:
+        r = self.routed
+        if u.base_version is not None and u.base_version != r.version:
+            return f"memory {self.name!r}: delta v{u.base_version}->v{u.version} does not start at the loaded v{r.version}"
+        name = (u.router or {}).get("name") or "cosine"
+        if name != self.router_name:
+            return (f"memory {self.name!r} v{u.version} switched router {self.router_name!r} -> {name!r}; "
+                    "a replica cannot change routers live: restart it to serve this version")
+        if self.fixed_capacity and u.n_rows > r.capacity:
+            return (f"memory {self.name!r} v{u.version} has {u.n_rows} rows but this replica's buffers are fixed at "
+                    f"{r.capacity} (compiled graph); restart with KVEDIT_CAPACITY >= {u.n_rows} or in eager mode")
+        return None
+
+    def _fail(self, message: str) -> None:
+        self.errors += 1
+        self.last_error = message
+        logger.error("%s", message)
+
+    # ------------------------------------------------------------------ watching
+    def start(self) -> None:
+        """Start the watcher thread (no-op for a pinned version or a non-watching rank)."""
+        if not self.watch or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=f"kvedit-follow-{self.name}", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.store.close()
+
+    def _is_ours(self, msg: dict) -> bool:
+        # Stores sharing one Redis share the channel name; the message carries the store URI.
+        return msg.get("memory", self.name) == self.name and msg.get("store", self.store.root) == self.store.root
+
+    def catch_up(self, version: int | None = None, committed_at: float | None = None) -> bool:
+        """Stage everything after the staged version, up to `version` (latest if None). True if staged."""
+        base = self._staged_version
+        if base is None:
+            raise MemoryFollowError(f"memory {self.name!r}: load() must run before following")
+        if version is not None and version <= base:
+            return False
+        if self.blocked_version is not None:
+            return False
+        if len(self._pending) >= MAX_PENDING:
+            update = self._snapshot(version)
+            if update.version <= base:
+                return False
+            self.stage(update, replace=True)
+            return True
+        update = self._delta(base, version, committed_at)
+        if update is None:
+            return False
+        self.stage(update, replace=update.base_version is None)
+        return True
+
+    def _run(self) -> None:
+        sub = None
+        backoff = self.poll_seconds
+        next_connect = 0.0
+        next_resync = 0.0
+        outage_logged = False
+        while not self._stop.is_set():
+            try:
+                if sub is None and time.monotonic() >= next_connect:
+                    sub = self.store.subscribe(self.name)
+                    self.redis_connected = True
+                    backoff = self.poll_seconds
+                    if outage_logged:
+                        logger.info("memory %r: Redis is back; following notifications again", self.name)
+                    outage_logged = False
+                    self.catch_up()  # whatever was committed while we were not subscribed
+                    next_resync = time.monotonic() + RESYNC_SECONDS
+                if sub is None:  # Redis down: poll the store
+                    if self._stop.wait(self.poll_seconds):
+                        break
+                    self.catch_up()
+                    continue
+                msg = sub.get(timeout=min(self.poll_seconds, 1.0))
+                if msg is not None:
+                    if self._is_ours(msg):
+                        self.catch_up(int(msg["version"]), _timestamp(msg.get("committed_at")))
+                elif time.monotonic() >= next_resync:
+                    self.catch_up()
+                    next_resync = time.monotonic() + RESYNC_SECONDS
+            except (redis.RedisError, StoreUnavailableError, ConnectionError) as exc:
+                if sub is not None:
+                    sub.close()
+                    sub = None
+                self.store.close()  # drop the dead client; the next subscribe reconnects
+                self.redis_connected = False
+                if not outage_logged:
+                    logger.warning("memory %r: Redis unreachable (%s); serving v%s, polling the store every %.1fs "
+                                   "and retrying Redis", self.name, exc, self.routed.version, self.poll_seconds)
+                    outage_logged = True
+                next_connect = time.monotonic() + backoff
+                backoff = min(backoff * 2, self.max_backoff)
+            except (StoreError, MemoryFollowError, MemoryMismatchError, ValueError, OSError) as exc:
+                self._fail(f"memory {self.name!r}: cannot follow new versions: {exc}")
+                self._stop.wait(self.poll_seconds)
+            except Exception:  # never let the watcher die silently
+                logger.exception("memory %r: watcher error", self.name)
+                self.errors += 1
+                self._stop.wait(self.poll_seconds)
+        if sub is not None:
+            sub.close()
+
+    # ------------------------------------------------------------------ reporting
+    def status(self, drain: bool = False) -> dict:
+        """Version, size, router counters and (drained) reload latencies, JSON/msgpack-friendly."""
+        r = self.routed
+        latencies: list[float] = []
+        if drain:
+            while self._latencies:
+                latencies.append(self._latencies.popleft())
+        return {
+            "memory": self.name,
+            "version": r.version,
+            "pinned": self.pinned,
+            "facts": r.n_facts,
+            "capacity": r.capacity,
+            "layer": self.spec.layer,
+            "hits": int(r.hits),
+            "tokens": int(r.tokens),
+            "staged_version": self._staged_version,
+            "redis": self.redis_connected,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "reload_seconds": latencies,
+        }

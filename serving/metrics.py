@@ -1,0 +1,83 @@
+"""Prometheus metrics shared by both backends (same names whether served by vLLM or transformers).
+
+    kvedit_requests_total{endpoint,status}         completed HTTP requests
+    kvedit_prompt_tokens_total / kvedit_completion_tokens_total   tokens in / out
+    kvedit_request_latency_seconds{endpoint}       request latency histogram
+    kvedit_output_token_latency_seconds            latency / completion tokens, per request
+    kvedit_router_hit_ratio                        routed tokens whose gate fired (cumulative)
+    kvedit_router_hit_tokens / kvedit_router_tokens   the two counters behind it
+    kvedit_memory_facts{memory}                    facts loaded
+    kvedit_memory_version{memory}                  version served
+    kvedit_memory_follow_errors{memory}            versions that could not be followed
+    kvedit_memory_reload_seconds{memory}           commit time (Redis message) -> applied
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_RELOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+_shared: dict[int, "ServingMetrics"] = {}
+_shared_lock = threading.Lock()
+
+
+class ServingMetrics:
+    """The kvedit metric family in one registry."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.requests = Counter("kvedit_requests", "Completed HTTP requests", ["endpoint", "status"], registry=registry)
+        self.prompt_tokens = Counter("kvedit_prompt_tokens", "Prompt tokens processed", registry=registry)
+        self.completion_tokens = Counter("kvedit_completion_tokens", "Tokens generated", registry=registry)
+        self.latency = Histogram("kvedit_request_latency_seconds", "Request latency", ["endpoint"],
+                                 buckets=_LATENCY_BUCKETS, registry=registry)
+        self.token_latency = Histogram("kvedit_output_token_latency_seconds", "Request latency per generated token",
+                                       buckets=_TOKEN_BUCKETS, registry=registry)
+        self.hit_ratio = Gauge("kvedit_router_hit_ratio", "Fraction of routed tokens whose gate fired", registry=registry)
+        self.hit_tokens = Gauge("kvedit_router_hit_tokens", "Tokens whose gate fired (cumulative)", registry=registry)
+        self.routed_tokens = Gauge("kvedit_router_tokens", "Tokens seen by the routed layer (cumulative)", registry=registry)
+        self.facts = Gauge("kvedit_memory_facts", "Facts loaded", ["memory"], registry=registry)
+        self.version = Gauge("kvedit_memory_version", "Memory version served", ["memory"], registry=registry)
+        self.follow_errors = Gauge("kvedit_memory_follow_errors", "Versions that could not be followed", ["memory"],
+                                   registry=registry)
+        self.reload = Histogram("kvedit_memory_reload_seconds", "Commit (Redis message time) to applied",
+                                ["memory"], buckets=_RELOAD_BUCKETS, registry=registry)
+
+    @classmethod
+    def shared(cls, registry: CollectorRegistry = REGISTRY) -> "ServingMetrics":
+        """One instance per registry (metric names can be registered only once)."""
+        with _shared_lock:
+            if id(registry) not in _shared:
+                _shared[id(registry)] = cls(registry)
+            return _shared[id(registry)]
+
+    def observe_request(self, endpoint: str, status: int, seconds: float, usage: dict | None) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+        if usage:
+            self.prompt_tokens.inc(int(usage.get("prompt_tokens") or 0))
+            out = int(usage.get("completion_tokens") or 0)
+            self.completion_tokens.inc(out)
+            if out:
+                self.token_latency.observe(seconds / out)
+
+    def observe_memory(self, status: dict | None) -> None:
+        """Update memory gauges from `MemoryFollower.status(drain=True)` (drained latencies observed once)."""
+        if not status:
+            return
+        name = str(status.get("memory"))
+        if status.get("version") is not None:
+            self.version.labels(name).set(status["version"])
+        self.facts.labels(name).set(status.get("facts", 0))
+        self.follow_errors.labels(name).set(status.get("errors", 0))
+        hits, tokens = int(status.get("hits", 0)), int(status.get("tokens", 0))
+        self.hit_tokens.set(hits)
+        self.routed_tokens.set(tokens)
+        self.hit_ratio.set(hits / tokens if tokens else 0.0)
+        for seconds in status.get("reload_seconds") or ():
+            self.reload.labels(name).observe(seconds)

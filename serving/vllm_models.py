@@ -1,0 +1,241 @@
+"""Routed vLLM models: a stock vLLM model whose edit-layer MLP calls the core `RoutedFFN`.
+
+Each class subclasses the stock vLLM model and, after it is built, wraps the one MLP of
+the edit layer in `RoutedMLP` (reusing its gate_up/down projections, so checkpoint
+parameter names do not change):
+
+    key  = act(gate_up_proj(x))      [T, d_key / tp]   (the down-projection input)
+    base = down_proj(key)            [T, d_model]      (all-reduced under TP)
+    out  = routed(key, base)         [T, d_model]      (editing.routed.RoutedFFN)
+
+The memory is checked against the served model when the model is built (before any weight
+is loaded: a wrong memory fails the start), loaded after the weights, and followed by a
+watcher thread in the worker (`serving.memory.MemoryFollower`). Staged versions are applied
+at the step boundary: the start of the outer `forward` (not compiled; runs once per step in
+the worker's main thread) and the `kvedit_sync` RPC (`serving.vllm_worker`), never while a
+forward runs.
+
+Tensor parallelism: each rank holds its key columns of every stored row and RoutedFFN's
+`reduce` all-reduces partial dot products over the TP group. Only TP rank 0 watches the
+store; at each boundary it broadcasts whether it has staged versions and, if so, the
+versions themselves, so all ranks apply identical versions at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import (
+    get_tensor_model_parallel_world_size,
+    get_tp_group,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.model_executor.models.utils import PPMissingLayer
+
+from editing.routed import RoutedFFN
+from serving.errors import MemoryMismatchError, ServingConfigError, UnsupportedArchitectureError
+from serving.fingerprint import served_fingerprint
+from serving.memory import (
+    KeyShard,
+    MemoryFollower,
+    ServedModel,
+    StagedUpdate,
+    next_pow2,
+    build_routed,
+    resolve_memory,
+)
+from serving.settings import ENV_PREFIX_SALT, MemorySettings
+
+logger = logging.getLogger(__name__)
+
+FIXED_CAPACITY_DEFAULT = 4096  # slots preallocated when buffers cannot grow (compiled / graph-captured)
+
+
+class RoutedMLP(nn.Module):
+    """The edit layer's MLP, routed. Holds the original projections under their original names."""
+
+    def __init__(self, mlp: nn.Module, routed: RoutedFFN):
+        super().__init__()
+        self.gate_up_proj = mlp.gate_up_proj
+        self.down_proj = mlp.down_proj
+        self.act_fn = mlp.act_fn
+        self.routed = routed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d_model] -> [T, d_model]."""
+        gate_up, _ = self.gate_up_proj(x)  # [T, 2 * d_key / tp]
+        key = self.act_fn(gate_up)  # [T, d_key / tp]
+        base, _ = self.down_proj(key)  # [T, d_model]
+        return self.routed(key, base)
+
+
+class _TensorParallelSync:
+    """Rank 0 of the TP group decides which staged versions every rank applies."""
+
+    def __init__(self):
+        self.group = get_tp_group()
+
+    @property
+    def leader(self) -> bool:
+        return self.group.rank_in_group == 0
+
+    def share(self, obj):
+        return self.group.broadcast_object(obj if self.leader else None, src=0)
+
+    def share_updates(self, updates: list[StagedUpdate]) -> list[StagedUpdate]:
+        flag = torch.tensor([1 if updates else 0], dtype=torch.int32)
+        torch.distributed.broadcast(flag, src=self.group.ranks[0], group=self.group.cpu_group)
+        if not int(flag[0]):
+            return []
+        return self.share(updates)
+
+
+class WorkerMemory:
+    """One worker's memory: the follower plus, under TP, agreement on what to apply."""
+
+    def __init__(self, follower: MemoryFollower, tp: _TensorParallelSync | None):
+        self.follower = follower
+        self.tp = tp
+        self.started = False
+
+    def start(self) -> None:
+        """Load the start version (rank 0's choice under TP) and start following."""
+        if self.started:
+            return
+        version = self.follower.start_version
+        if self.tp is not None:
+            version = self.tp.share(version)
+        self.follower.load(version)
+        self.follower.start()
+        self.started = True
+
+    def boundary(self) -> None:
+        """Apply staged versions; call only between forward steps, on every TP rank alike."""
+        if not self.started:
+            self.start()
+        if self.tp is None:
+            self.follower.apply_pending()
+            return
+        updates = self.tp.share_updates(self.follower.take_pending() if self.tp.leader else [])
+        if updates:
+            self.follower.apply(updates)
+
+    def status(self, drain: bool = False) -> dict:
+        return self.follower.status(drain=drain)
+
+
+def _check_prefix_cache(vllm_config: VllmConfig, settings: MemorySettings) -> None:
+    """Refuse prefix caching that could serve KV computed under an older memory version."""
+    if settings.pinned or not vllm_config.cache_config.enable_prefix_caching:
+        return
+    if os.environ.get(ENV_PREFIX_SALT) == "1":
+        return
+    raise ServingConfigError(
+        f"prefix caching is on and memory {settings.memory} follows new versions, so cached KV computed under an "
+        "older version would be reused. Start the server with `--middleware serving.vllm_middleware.KveditMiddleware` "
+        f"and {ENV_PREFIX_SALT}=1 (what `kvedit serve` does), or with --no-enable-prefix-caching, or pin a version "
+        "(KVEDIT_MEMORY=NAME@VERSION)"
+    )
+
+
+class KveditModelMixin:
+    """Mixed into a stock vLLM *ForCausalLM: routes the edit layer and follows the memory."""
+
+    kvedit: WorkerMemory | None = None
+
+    def _kvedit_init(self, vllm_config: VllmConfig) -> None:
+        self.kvedit = None
+        settings = MemorySettings.from_env()
+        if settings.memory is None:
+            logger.warning("KVEDIT_MEMORY is not set: serving %s without a memory", type(self).__name__)
+            return
+        model_config = vllm_config.model_config
+        path = model_config.model
+        if not os.path.isdir(path):
+            raise ServingConfigError(f"kvedit serves local model folders (to fingerprint them); got {path!r}")
+        text = model_config.hf_config.get_text_config()
+        served = ServedModel(served_fingerprint(path), text.num_hidden_layers, text.intermediate_size, text.hidden_size)
+        resolved = resolve_memory(settings, served)  # wrong model / layer: the engine does not start
+        _check_prefix_cache(vllm_config, settings)
+        layer = self.model.layers[resolved.spec.layer]
+        if isinstance(layer, PPMissingLayer):
+            logger.info("layer %d lives on another pipeline stage; no memory here", resolved.spec.layer)
+            return
+        mlp = layer.mlp
+        missing = [a for a in ("gate_up_proj", "down_proj", "act_fn") if not hasattr(mlp, a)]
+        if missing:
+            raise UnsupportedArchitectureError(f"{type(mlp).__name__} has no {', '.join(missing)}: cannot route it")
+        down = mlp.down_proj
+        tp = get_tensor_model_parallel_world_size()
+        d_local, d_model = down.input_size_per_partition, down.output_size_per_partition
+        if d_local * tp != served.d_key or d_model != served.d_model:
+            raise MemoryMismatchError(
+                f"layer {resolved.spec.layer} down-projection is [{d_local}x{tp} -> {d_model}], "
+                f"not [{served.d_key} -> {served.d_model}] as the config says"
+            )
+        shard = None
+        rank = 0
+        if tp > 1:
+            rank = get_tp_group().rank_in_group
+            shard = KeyShard(rank * d_local, (rank + 1) * d_local,
+                             lambda t: tensor_model_parallel_all_gather(t, dim=-1))
+        fixed = not model_config.enforce_eager
+        capacity = settings.capacity
+        if capacity is None and fixed:
+            capacity = max(FIXED_CAPACITY_DEFAULT, next_pow2(2 * resolved.info.n_rows))
+        routed = build_routed(resolved, capacity=capacity, shard=shard)
+        if tp > 1:
+            routed.reduce = tensor_model_parallel_all_reduce
+        layer.mlp = RoutedMLP(mlp, routed)
+        follower = MemoryFollower(resolved, routed, poll_seconds=settings.poll_seconds, shard=shard,
+                                  fixed_capacity=fixed, watch=rank == 0)
+        self.kvedit = WorkerMemory(follower, _TensorParallelSync() if tp > 1 else None)
+        logger.info("routing layer %d through memory %r (from v%d, capacity %d%s)", resolved.spec.layer,
+                    resolved.name, resolved.info.version, routed.capacity, ", fixed" if fixed else "")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(weights)
+        if self.kvedit is not None:
+            self.kvedit.start()
+        return loaded
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs):
+        # The outer forward is not compiled and runs once per step: the step boundary.
+        if self.kvedit is not None:
+            self.kvedit.boundary()
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+
+class RoutedLlamaForCausalLM(KveditModelMixin, LlamaForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._kvedit_init(vllm_config)
+
+
+class RoutedMistralForCausalLM(KveditModelMixin, MistralForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._kvedit_init(vllm_config)
+
+
+class RoutedQwen2ForCausalLM(KveditModelMixin, Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._kvedit_init(vllm_config)
+
+
+class RoutedQwen3ForCausalLM(KveditModelMixin, Qwen3ForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._kvedit_init(vllm_config)

