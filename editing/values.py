@@ -165,34 +165,51 @@ def _add_delta(out: torch.Tensor, batch: RewriteBatch, delta: torch.Tensor, rows
     return out.index_put((seq, batch.lookup), delta[edits].to(out.dtype), accumulate=True)
 
 
-@dataclass
-class _Aligned:
-    """The batch re-laid so every sequence's subject-last token sits in one column `split`.
+class _Group:
+    """A subset of the batch's sequences, re-laid so each one's subject-last token sits in
+    column `split`, and trimmed after the last column the loss reads.
 
-    Columns before `split` (the prefix) never change while delta is optimised, so they run
-    once and their attention keys/values are cached; every step runs only the suffix.
-    input_ids, attention_mask, position_ids: [S, W]; read_col: [M + B] suffix columns read by the loss.
+    Columns before `split` (the prefix) never change while delta is optimised: they run once
+    and their attention keys/values stay cached. Every step runs only the suffix columns of the
+    layers above the edit layer. Grouping sequences of similar suffix length keeps padding low.
     """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    split: int
-    read_col: torch.Tensor
+    def __init__(self, batch: RewriteBatch, seqs: torch.Tensor, read_idx: torch.Tensor, pad_id: int):
+        self.seqs, self.read_idx = seqs, read_idx  # [s] batch sequences, [r] entries of batch.read_* here
+        lookup = batch.lookup[seqs]
+        lengths = batch.attention_mask[seqs].sum(1)
+        local = torch.full((batch.input_ids.shape[0],), -1, dtype=torch.long, device=seqs.device)
+        local[seqs] = torch.arange(len(seqs), device=seqs.device)
+        self.read_row = local[batch.read_seq[read_idx]]  # [r] row within the group
+        self.split = int(lookup.max())
+        offset = self.split - lookup  # [s] left shift of each sequence
+        self.read_col = batch.read_pos[read_idx] + offset[self.read_row] - self.split  # [r] suffix column
+        width = self.split + int(self.read_col.max()) + 1
+        cols = torch.arange(width, device=seqs.device)[None, :] - offset[:, None]  # source position per column
+        valid = (cols >= 0) & (cols < lengths[:, None])
+        src = cols.clamp(0, batch.input_ids.shape[1] - 1)
+        ids = batch.input_ids[seqs]
+        self.input_ids = torch.where(valid, ids.gather(1, src), torch.full_like(src, pad_id))
+        self.attention_mask = valid.long()
+        self.position_ids = cols.clamp_min(0)
+        self.seq_edit = batch.seq_edit[seqs]
 
 
-def _align(batch: RewriteBatch, pad_id: int) -> _Aligned:
-    lengths = batch.attention_mask.sum(1)
-    split = int(batch.lookup.max())
-    offset = split - batch.lookup  # [S] left shift of each sequence
-    width = int((offset + lengths).max())
-    S, device = batch.input_ids.shape[0], batch.input_ids.device
-    cols = torch.arange(width, device=device)[None, :] - offset[:, None]  # source position of each column
-    valid = (cols >= 0) & (cols < lengths[:, None])
-    src = cols.clamp(0, batch.input_ids.shape[1] - 1)
-    ids = torch.where(valid, batch.input_ids.gather(1, src), torch.full_like(src, pad_id))
-    read_col = batch.read_pos + offset[batch.read_seq] - split
-    return _Aligned(ids, valid.long(), cols.clamp_min(0), split, read_col)
+def _groups(batch: RewriteBatch, pad_id: int, n_groups: int = 3) -> list[_Group]:
+    """Split the sequences into up to `n_groups` groups of similar needed suffix length."""
+    S = batch.input_ids.shape[0]
+    need = torch.zeros(S, dtype=torch.long, device=batch.input_ids.device)
+    need.scatter_reduce_(0, batch.read_seq, batch.read_pos - batch.lookup[batch.read_seq] + 1, "amax")
+    order = torch.argsort(need, stable=True)
+    chunks = [c for c in torch.tensor_split(order, min(n_groups, S)) if len(c)]
+    groups = []
+    for seqs in chunks:
+        seqs = torch.sort(seqs).values
+        in_group = torch.isin(batch.read_seq, seqs)
+        read_idx = torch.nonzero(in_group).squeeze(1)
+        if len(read_idx):
+            groups.append(_Group(batch, seqs, read_idx, pad_id))
+    return groups
 
 
 def _cache_kv(cache, layer: int):
@@ -209,65 +226,72 @@ def _set_cache_kv(cache, layer: int, kv) -> None:
 
 
 def optimise_residuals(model, tok, adapter: ArchAdapter, layer: int, requests, templates: list[str],
-                       hp: ValueHparams | None = None) -> ValueResult:
-    """Batched, truncated optimisation of every request's residual (see module doc).
+                       hp: ValueHparams | None = None, n_groups: int = 3) -> ValueResult:
+    """Batched, truncated optimisation of every request's residual (see module doc and `_Group`).
 
-    Every sequence is aligned on its subject-last token; the prefix columns run once (their
-    attention cache is kept) and each step runs only the suffix columns through the layers
-    above the edit layer. Returns residuals [n, d_model] equal (up to float noise) to
-    `optimise_residuals_reference`.
+    Returns residuals [n, d_model] equal (up to float noise) to `optimise_residuals_reference`.
     """
     from transformers import DynamicCache
 
     hp = hp or ValueHparams()
     device = next(model.parameters()).device
     batch = build_rewrite_batch(tok, requests, templates, device)
-    al = _align(batch, tok.pad_token_id)
-    B, layers, P = batch.n_edits, adapter.layers, al.split
+    B, layers = batch.n_edits, adapter.layers
     upper = list(range(layer + 1, len(layers)))
+    n_read = batch.read_seq.numel()
+    groups = _groups(batch, tok.pad_token_id, n_groups)
 
-    cache = DynamicCache()
-    store: dict = {}
-    with torch.no_grad():
-        if P > 0:
-            model(input_ids=al.input_ids[:, :P], attention_mask=al.attention_mask[:, :P],
-                  position_ids=al.position_ids[:, :P], past_key_values=cache, use_cache=True)
-        prefix_kv = {i: _cache_kv(cache, i) for i in upper} if P > 0 else {}
-        # The unedited suffix pass: the edit layer's output, the calls of the layers above it,
-        # the unedited FFN output at the subject (v0) and the unedited essence distributions.
-        with capture_calls([layers[layer]] + [layers[i] for i in upper]) as calls, \
-                capture_input(adapter.final_norm) as final_in, \
-                edit_output(adapter.down_proj(layer), lambda o: _keep(o, store)):
-            model(input_ids=al.input_ids[:, P:], attention_mask=al.attention_mask,
-                  position_ids=al.position_ids[:, P:], past_key_values=cache, use_cache=True)
-    out_l = _first(calls[0]["output"]).detach()  # [S, W - P, d_model]
-    v0_norm = store["out"][batch.rewrite_first, 0].float().norm(dim=-1)  # subject column is suffix column 0
-    head_in = final_in[0][batch.read_seq, al.read_col]
+    head_in = None
+    v0 = torch.zeros(batch.input_ids.shape[0], adapter.d_model, device=device)
+    for g in groups:
+        g.cache = DynamicCache()
+        store: dict = {}
+        with torch.no_grad():
+            P = g.split
+            if P > 0:
+                model(input_ids=g.input_ids[:, :P], attention_mask=g.attention_mask[:, :P],
+                      position_ids=g.position_ids[:, :P], past_key_values=g.cache, use_cache=True)
+            g.prefix_kv = {i: _cache_kv(g.cache, i) for i in upper} if P > 0 else {}
+            # The unedited suffix pass: the edit layer's output, the calls of the layers above it,
+            # the unedited FFN output at the subject (v0) and the inputs of the final norm.
+            with capture_calls([layers[layer]] + [layers[i] for i in upper]) as calls, \
+                    capture_input(adapter.final_norm) as final_in, \
+                    edit_output(adapter.down_proj(layer), lambda o: _keep(o, store)):
+                model(input_ids=g.input_ids[:, P:], attention_mask=g.attention_mask,
+                      position_ids=g.position_ids[:, P:], past_key_values=g.cache, use_cache=True)
+        g.calls = calls[1:]
+        g.out_l = _first(calls[0]["output"]).detach()  # [s, W - P, d_model]
+        v0[g.seqs] = store["out"][:, 0].float()  # the subject is suffix column 0
+        sel = final_in[0][g.read_row, g.read_col]
+        head_in = torch.zeros(n_read, sel.shape[-1], device=device, dtype=sel.dtype) if head_in is None else head_in
+        head_in[g.read_idx] = sel
+    v0_norm = v0[batch.rewrite_first].norm(dim=-1)
     kl_init = torch.log_softmax(adapter.lm_head(adapter.final_norm(head_in))[-B:].float(), -1).detach()
 
-    def restore_cache():
-        for i in upper:
-            if P > 0:
-                _set_cache_kv(cache, i, prefix_kv[i])
-            elif hasattr(cache, "layers") and i < len(cache.layers):
-                cache.layers[i].keys = cache.layers[i].keys[..., :0, :]
-                cache.layers[i].values = cache.layers[i].values[..., :0, :]
+    def run_group(g: _Group, delta: torch.Tensor) -> torch.Tensor:
+        for i in upper:  # forget the suffix keys/values of the previous step
+            if g.split > 0:
+                _set_cache_kv(g.cache, i, g.prefix_kv[i])
+            elif hasattr(g.cache, "layers") and i < len(g.cache.layers):
+                g.cache.layers[i].keys = g.cache.layers[i].keys[..., :0, :]
+                g.cache.layers[i].values = g.cache.layers[i].values[..., :0, :]
+        rows = torch.arange(g.out_l.shape[0], device=device)
+        h = g.out_l.index_put((rows, torch.zeros_like(rows)), delta[g.seq_edit].to(g.out_l.dtype), accumulate=True)
+        for i, rec in zip(upper, g.calls):
+            h = _first(layers[i](h, *rec["args"][1:], **rec["kwargs"]))
+        return h[g.read_row, g.read_col]  # [r, d_model]
 
-    d_model = out_l.shape[-1]
-    delta = torch.zeros(B, d_model, device=device, requires_grad=True)
+    delta = torch.zeros(B, adapter.d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
     max_norm = hp.clamp_norm_factor * v0_norm
     active = torch.ones(B, dtype=torch.bool, device=device)
     steps = [0] * B
     loss = nll = torch.zeros(B, device=device)
-    seq = torch.arange(out_l.shape[0], device=device)
     for it in range(hp.steps):
-        restore_cache()
-        h = out_l.index_put((seq, torch.zeros_like(seq)), delta[batch.seq_edit].to(out_l.dtype), accumulate=True)
-        for i, rec in zip(upper, calls[1:]):
-            h = _first(layers[i](h, *rec["args"][1:], **rec["kwargs"]))
-        sel = h[batch.read_seq, al.read_col]  # [M + B, d_model]
-        logits = adapter.lm_head(adapter.final_norm(sel))
+        sel = torch.zeros(n_read, adapter.d_model, device=device, dtype=head_in.dtype)
+        for g in groups:
+            sel = sel.index_put((g.read_idx,), run_group(g, delta))
+        logits = adapter.lm_head(adapter.final_norm(sel))  # [M + B, vocab]
         loss_all, nll_all, _ = _edit_losses(logits, batch, delta, v0_norm, kl_init, hp)
         loss = torch.where(active, loss_all.detach(), loss)
         nll = torch.where(active, nll_all.detach(), nll)
@@ -283,7 +307,6 @@ def optimise_residuals(model, tok, adapter: ArchAdapter, layer: int, requests, t
         _clamp(delta, torch.where(active, max_norm, torch.full_like(max_norm, float("inf"))))
         for b in range(B):
             steps[b] += int(active[b])
-    restore_cache()
     return ValueResult(delta.detach().float(), loss, nll, steps)
 
 
