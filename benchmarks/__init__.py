@@ -28,6 +28,10 @@ BENCHMARKS = {
                    "tokens/s of statistics collection vs a forward to the edit layer (field: ratio)"),
     "store-delta": (_lazy("benchmarks.store_bench", "bench_store_delta"),
                     "1K-row delta read vs full reload of a 100K-row memory (field: speedup)"),
+    "ingest-scaling": (_lazy("benchmarks.jobs_bench", "bench_ingest_scaling"),
+                       "edits/s with 2 vs 1 ValueOptimiser actors (field: ratio)"),
+    "queue-overhead": (_lazy("benchmarks.jobs_bench", "bench_queue_overhead"),
+                       "a 20-edit job through the queue vs the same edits run directly (field: overhead)"),
     "store-commit": (_lazy("benchmarks.store_bench", "bench_store_commit"),
                      "commit latency of 1K rows (p50/p99) and commits/s with 4 writers"),
 }

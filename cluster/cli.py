@@ -28,9 +28,14 @@ def _mount_optional() -> None:
     """Mount the command groups of the service packages."""
     from store.cli import memory_app
 
+    from cluster.jobs_cli import coordinator, demo, edit_submit, jobs_app
     from serving.cli import serve_command
 
     app.add_typer(memory_app, name="memory", help="Inspect, revert and export store memories.")
+    app.add_typer(jobs_app, name="jobs")
+    edit_app.command("submit")(edit_submit)
+    app.command("coordinator")(coordinator)
+    app.command("demo")(demo)
     app.command("serve")(serve_command)
 
 

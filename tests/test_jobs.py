@@ -1,0 +1,381 @@
+"""The jobs path end to end: real local Ray, real embedded Redis, real store in a temp dir, real model.
+
+One Ray instance, one Redis and one coordinator (one ValueOptimiser + one Evaluator actor) are
+shared by the module; optimiser steps and context templates are cut down so each batch is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from cluster.jobs import (
+    JobConflictError, JobSpec, JobState, JobStateError, QueueUnavailableError, RecordState, job_edit_id,
+)
+
+MODEL = "smollm2-135m"
+FAST = {"values": {"steps": 3}, "n_contexts": 2}  # keep batches to a few seconds on a shared 2-core box
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def raw_records():
+    from editing.data import data_file
+
+    return json.loads(data_file("counterfact_valid.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A temp store with its embedded Redis, and one local Ray for the module."""
+    import ray
+
+    from store import connect_redis, embedded_url, stop_embedded_redis
+
+    root = str(tmp_path_factory.mktemp("jobs-store"))
+    connect_redis(None, root).close()  # start the store's embedded server
+    ray.init(num_cpus=4, include_dashboard=False, namespace="kvedit", logging_level=logging.WARNING)
+    try:
+        yield SimpleNamespace(root=root, url=embedded_url(root), address=ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
+        stop_embedded_redis(root)
+
+
+@pytest.fixture(scope="module")
+def coord(env):
+    from cluster.coordinator import Coordinator, CoordinatorConfig
+
+    port = _free_port()
+    c = Coordinator(CoordinatorConfig(store=env.root, redis_url=env.url, optimisers=1, evaluators=1, lease_seconds=3,
+                                      poll_seconds=0.5, consumer="test", http_port=port))
+    c.start()
+    c.port = port
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spec(records, memory: str, **kw) -> JobSpec:
+    kw.setdefault("batch_size", 2)
+    return JobSpec(memory=memory, records=records, model=MODEL, edit_config=FAST, **kw)
+
+
+def _run(coord, *job_ids: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    coord.run(until=lambda: all(coord.jobs.get(j).terminal for j in job_ids) or time.monotonic() > deadline)
+    for j in job_ids:
+        assert coord.jobs.get(j).terminal, f"job {j} did not finish in {timeout}s: {coord.jobs.get(j)}"
+
+
+def _run_in_thread(coord, job_id: str) -> threading.Thread:
+    t = threading.Thread(target=_run, args=(coord, job_id), daemon=True)
+    t.start()
+    return t
+
+
+def _wait_for(cond, timeout: float = TIMEOUT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _memory_ids(coord, memory: str) -> list[str]:
+    return coord.store.read(memory).column("edit_id").to_pylist()
+
+
+def _assert_exactly_once(coord, memory: str, job_id: str, indices) -> None:
+    ids = _memory_ids(coord, memory)
+    assert len(ids) == len(set(ids)), "an edit was committed twice"
+    assert sorted(ids) == sorted(job_edit_id(job_id, i) for i in indices)
+
+
+def _running(coord, job_id: str) -> bool:
+    st = coord.jobs.get(job_id, records=True)
+    return any(r["status"] == RecordState.RUNNING for r in st.records)
+
+
+def _cli(*args):
+    import typer
+    from typer.testing import CliRunner
+
+    from cluster.jobs_cli import edit_submit, jobs_app
+
+    app = typer.Typer()
+    app.add_typer(jobs_app, name="jobs")
+    app.command("submit")(edit_submit)
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+# ---------------------------------------------------------------------------------------- tests
+
+
+def test_end_to_end_job_then_duplicate_submission(coord, env, raw_records):
+    spec = _spec(raw_records[:4], "e2e", job_id="e2e-1")
+    status, created = coord.jobs.submit(spec)
+    assert created and status.state == JobState.QUEUED
+    _run(coord, spec.job_id)
+
+    st = coord.jobs.get(spec.job_id, records=True)
+    assert st.state == JobState.SUCCEEDED, st.error
+    assert (st.n_committed, st.n_failed, st.batches_done, st.layer) == (4, 0, 2, 6)
+    _assert_exactly_once(coord, "e2e", spec.job_id, range(4))
+    assert st.version == coord.store.current_version("e2e", refresh=True)
+    for r in st.records:
+        assert r["status"] == RecordState.COMMITTED and r["steps"] >= 1 and r["loss"] > 0
+        assert isinstance(r["efficacy"], bool)
+    assert st.n_evaluated == 4 and 0.0 <= st.efficacy <= 1.0
+    metrics = coord.metrics.render().decode()
+    assert "kvedit_edits_committed_total 4.0" in metrics
+    assert 'kvedit_jobs{state="succeeded"} 1.0' in metrics
+
+    # the same job id again: nothing queued, nothing recomputed, the memory is unchanged
+    version = coord.store.current_version("e2e")
+    again, created = coord.jobs.submit(_spec(raw_records[:4], "e2e", job_id="e2e-1"))
+    assert not created and again.state == JobState.SUCCEEDED
+    assert coord.queue.depth() == 0
+    assert coord.run(idle_exit=True) == 0
+    assert coord.store.current_version("e2e") == version
+    _assert_exactly_once(coord, "e2e", spec.job_id, range(4))
+    with pytest.raises(JobConflictError, match="e2e-1"):
+        coord.jobs.submit(_spec(raw_records[:3], "e2e", job_id="e2e-1"))
+
+    # CLI views, and the coordinator's HTTP API on its port
+    res = _cli("jobs", "status", spec.job_id, "--json", "--store", env.root, "--redis-url", env.url)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["state"] == "succeeded"
+    res = _cli("jobs", "ls", "--json", "--store", env.root, "--redis-url", env.url)
+    assert spec.job_id in [j["job_id"] for j in json.loads(res.output)]
+    res = _cli("jobs", "watch", spec.job_id, "--json", "--store", env.root, "--redis-url", env.url)
+    assert res.exit_code == 0 and json.loads(res.output.splitlines()[-1])["state"] == "succeeded"
+    import httpx
+
+    r = httpx.get(f"http://127.0.0.1:{coord.port}/jobs/{spec.job_id}", timeout=10)
+    assert r.status_code == 200 and r.json()["n_committed"] == 4
+
+
+def test_statistics_are_sharded_merged_and_cached(coord):
+    from cluster.runtime import ActorPool
+    from editing.stats import SecondMoment
+    from workers.covariance import CovarianceBuilder
+
+    spec = coord.value_pool().broadcast("describe", MODEL, _spec([{}], "x").editor_overrides())[0]
+    fp, layer = spec["model_fingerprint"], spec["layer"]
+    pool = ActorPool(CovarianceBuilder, 1, "covariance")
+    try:
+        key, meta2 = coord.ensure_statistics(MODEL, layer, fp, 1024, shards=2, use_cache=False, pool=pool)
+        two = SecondMoment.from_bytes(coord.store.get_artifact("stats", key)[0])
+        key1, meta1 = coord.ensure_statistics(MODEL, layer, fp, 1024, shards=1, use_cache=False, pool=pool)
+        one = SecondMoment.from_bytes(coord.store.get_artifact("stats", key)[0])
+    finally:
+        pool.shutdown()
+    assert key1 == key and key.startswith(f"{fp}-L{layer}-")
+    assert (meta2["shards"], meta1["shards"]) == (2, 1)
+    assert two.count == one.count == meta2["tokens"] > 1000
+    assert (two.total - one.total).abs().max() <= 1e-6 * one.total.abs().max()
+    assert two.meta["corpus_hash"] == key.rsplit("-", 1)[1]
+    # built once: the next call is a cache hit (no actor is started)
+    _, meta = coord.ensure_statistics(MODEL, layer, fp, 1024)
+    assert meta["cached"] is True
+
+
+def test_actor_killed_mid_batch_batch_is_retried(coord, raw_records):
+    import ray
+
+    spec = _spec(raw_records[4:10], "killed", job_id="kill-1")
+    coord.jobs.submit(spec)
+    restarts = coord.value_pool().restarts
+    runner = _run_in_thread(coord, spec.job_id)
+
+    slot = coord.values.slots[0]
+    _wait_for(lambda: _running(coord, spec.job_id), what="a batch to start")
+    time.sleep(0.5)
+    os.kill(slot.pid, signal.SIGKILL)  # the actor process dies mid-batch
+    _wait_for(lambda: slot.generation == 1 and _running(coord, spec.job_id), what="the batch to be retried")
+    time.sleep(0.5)
+    ray.kill(slot.handle)  # ... and its replacement is killed through Ray
+    runner.join(TIMEOUT)
+
+    st = coord.jobs.get(spec.job_id)
+    assert st.state == JobState.SUCCEEDED, st.error
+    assert coord.values.restarts - restarts == 2
+    _assert_exactly_once(coord, "killed", spec.job_id, range(6))
+    assert 'kvedit_actor_restarts_total{pool="values"} 2.0' in coord.metrics.render().decode()
+
+
+def test_coordinator_sigkilled_mid_job_is_finished_after_restart(coord, env, raw_records, tmp_path):
+    spec = _spec(raw_records[10:16], "crash", job_id="crash-1")
+    coord.jobs.submit(spec)
+    log = open(tmp_path / "coordinator.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.jobs_cli", "coordinator", "--store", env.root, "--redis-url", env.url,
+         "--ray-address", env.address, "--evaluators", "0", "--lease", "3", "--consumer", "doomed", "--max-jobs", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: coord.jobs.get(spec.job_id).n_committed >= 2 or proc.poll() is not None,
+                  what="the subprocess coordinator to commit a batch")
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+        log.close()
+    st = coord.jobs.get(spec.job_id)
+    assert st.state == JobState.RUNNING and 2 <= st.n_committed < 6, (tmp_path / "coordinator.log").read_text()[-3000:]
+
+    _run(coord, spec.job_id)  # reclaims the entry once the dead coordinator's lease expired
+    st = coord.jobs.get(spec.job_id)
+    assert st.state == JobState.SUCCEEDED, st.error
+    assert st.attempts == 2 and st.owner == "test"
+    _assert_exactly_once(coord, "crash", spec.job_id, range(6))
+    assert coord.queue.depth() == 0 and coord.queue.pending_count() == 0
+
+
+def test_cancel_queued_and_running_jobs(coord, env, raw_records):
+    queued = _spec(raw_records[16:18], "never", job_id="cancel-queued")
+    coord.jobs.submit(queued)
+    assert coord.jobs.request_cancel(queued.job_id).state == JobState.CANCELLED
+    coord.run(idle_exit=True)  # the entry is acknowledged without any work
+    assert coord.queue.depth() == 0 and not coord.store.exists("never")
+
+    spec = _spec(raw_records[18:23], "cancelled", job_id="cancel-running", batch_size=1)
+    coord.jobs.submit(spec)
+    runner = _run_in_thread(coord, spec.job_id)
+    _wait_for(lambda: coord.jobs.get(spec.job_id).n_committed >= 1, what="the first commit")
+    res = _cli("jobs", "cancel", spec.job_id, "--json", "--store", env.root, "--redis-url", env.url)
+    assert res.exit_code == 0 and json.loads(res.output)["cancel_requested"] is True
+    runner.join(TIMEOUT)
+
+    st = coord.jobs.get(spec.job_id, records=True)
+    assert st.state == JobState.CANCELLED
+    assert 1 <= st.n_committed < 5 and st.n_cancelled == 5 - st.n_committed
+    committed = [r["index"] for r in st.records if r["status"] == RecordState.COMMITTED]
+    _assert_exactly_once(coord, "cancelled", spec.job_id, committed)  # committed batches stay
+    with pytest.raises(JobStateError, match="already cancelled"):
+        coord.jobs.request_cancel(spec.job_id)
+    res = _cli("jobs", "cancel", spec.job_id, "--store", env.root, "--redis-url", env.url)
+    assert res.exit_code == 1 and "nothing to cancel" in res.output
+
+
+def test_malformed_records_partial_failure_and_all_or_nothing(coord, env, raw_records, tmp_path):
+    good = raw_records[23:26]
+    bad_missing = {k: v for k, v in raw_records[26].items() if k != "target_new"}
+    bad_subject = {**raw_records[27], "subject": "Nobody In Particular"}
+    bad_type = {**raw_records[28], "prompt": 42}
+    records = [good[0], bad_missing, good[1], bad_subject, bad_type, good[2]]
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(records))
+    common = ["--edit-config", json.dumps(FAST), "--batch-size", 2, "--json", "--store", env.root, "--redis-url", env.url]
+
+    res = _cli("submit", data, "--memory", "mixed", "--job-id", "mixed-1", *common)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == {"job_id": "mixed-1", "state": "queued", "created": True, "n_records": 6, "memory": "mixed"}
+    res = _cli("submit", data, "--memory", "aon", "--job-id", "aon-1", "--all-or-nothing", *common)
+    assert res.exit_code == 0, res.output
+    _run(coord, "mixed-1", "aon-1")
+
+    st = coord.jobs.get("mixed-1", records=True)
+    assert st.state == JobState.PARTIALLY_FAILED
+    assert (st.n_committed, st.n_invalid, st.n_failed) == (3, 3, 3)
+    errors = {r["index"]: r["error"] for r in st.records if r["status"] == RecordState.INVALID}
+    assert {i: e["field"] for i, e in errors.items()} == {1: "target_new", 3: "subject", 4: "prompt"}
+    assert "missing" in errors[1]["reason"] and "expected a string" in errors[4]["reason"]
+    assert "record 3" in errors[3]["message"] and "mixed.json" in errors[3]["message"]
+    assert "record 1" in st.error
+    _assert_exactly_once(coord, "mixed", "mixed-1", [0, 2, 5])
+
+    aon = coord.jobs.get("aon-1", records=True)
+    assert aon.state == JobState.FAILED and "all-or-nothing" in aon.error and aon.n_committed == 0
+    assert {r["status"] for r in aon.records} == {RecordState.INVALID, RecordState.SKIPPED}
+    assert not coord.store.exists("aon")
+    res = _cli("jobs", "status", "aon-1", "--store", env.root, "--redis-url", env.url)
+    assert res.exit_code == 0 and "target_new" in res.output
+
+
+def test_http_api_requires_the_token_for_writes(env, raw_records):
+    from fastapi.testclient import TestClient
+
+    from cluster.api import create_app
+    from cluster.jobs import JobStore
+
+    jobs = JobStore.connect(env.url, env.root)
+    client = TestClient(create_app(jobs, token="s3cret"))
+    body = {"memory": "api", "records": raw_records[:2], "job_id": "api-1", "edit_config": FAST}
+    good = {"Authorization": "Bearer s3cret"}
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        assert client.post("/jobs", json=body, headers=headers).status_code == 401
+        assert not jobs.exists("api-1")
+    r = client.post("/jobs", json=body, headers=good)
+    assert r.status_code == 202 and r.json() == {"job_id": "api-1", "state": "queued", "created": True}
+    assert client.post("/jobs", json=body, headers=good).json()["created"] is False
+    assert client.post("/jobs", json={**body, "memory": "no/slash"}, headers=good).status_code == 422
+    r = client.post("/jobs", json={**body, "job_id": "api-2", "edit_config": {"stepz": 3}}, headers=good)
+    assert r.status_code == 422 and "edit_config" in r.json()["detail"]["message"] and not jobs.exists("api-2")
+    assert client.post("/jobs", json={**body, "records": raw_records[:1]}, headers=good).status_code == 409
+
+    assert client.get("/jobs/api-1").json()["state"] == "queued"
+    assert "api-1" in [j["job_id"] for j in client.get("/jobs").json()]
+    assert client.get("/jobs/nope").status_code == 404
+    assert client.post("/jobs/api-1/cancel").status_code == 401
+    assert client.post("/jobs/api-1/cancel", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert jobs.get("api-1").state == "queued" and not jobs.get("api-1").cancel_requested
+    r = client.post("/jobs/api-1/cancel", headers=good)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert client.post("/jobs/api-1/cancel", headers=good).status_code == 409
+
+    text = client.get("/metrics").text
+    assert 'kvedit_jobs{state="cancelled"}' in text and "kvedit_job_queue_depth" in text
+    assert "kvedit_batch_duration_seconds" in text and "kvedit_optimiser_loss" in text and "kvedit_actor_restarts" in text
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/metrics"} <= set(paths)
+    assert TestClient(create_app(jobs, token="")).post("/jobs", json=body, headers=good).status_code == 401
+
+
+def test_unreachable_redis_or_ray_is_a_clear_error(env, raw_records, tmp_path):
+    from cluster.coordinator import Coordinator, CoordinatorConfig
+    from cluster.jobs import JobStore
+    from cluster.queue import JobQueue
+    from cluster.runtime import RayUnavailableError, connect_ray
+
+    dead = "redis://127.0.0.1:1"
+    with pytest.raises(QueueUnavailableError, match="unreachable"):
+        JobStore.connect(dead)
+    with pytest.raises(QueueUnavailableError, match="unreachable"):
+        Coordinator(CoordinatorConfig(store=env.root, redis_url=dead)).start()
+    data = tmp_path / "two.json"
+    data.write_text(json.dumps(raw_records[:2]))
+    res = _cli("submit", data, "--memory", "x", "--store", env.root, "--redis-url", dead)
+    assert res.exit_code == 1 and "unreachable" in res.output
+
+    t0 = time.monotonic()
+    with pytest.raises(RayUnavailableError, match="unreachable"):
+        connect_ray("127.0.0.1:1")
+    assert time.monotonic() - t0 < 10
+
+    # a coordinator that cannot reach Ray takes no job: it stays queued and undelivered
+    jobs = JobStore.connect(env.url, env.root)
+    jobs.submit(_spec(raw_records[:2], "noray", job_id="noray-1"))
+    with pytest.raises(RayUnavailableError):
+        Coordinator(CoordinatorConfig(store=env.root, redis_url=env.url, ray_address="127.0.0.1:1")).start()
+    assert jobs.get("noray-1").state == JobState.QUEUED
+    assert JobQueue(jobs.client).pending_count() == 0
+    jobs.request_cancel("noray-1")
