@@ -206,7 +206,6 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
     if long_context_text:
         out["long_context"] = long_context(ed, reqs, long_context_text)
     if any(r.locality_prompts for r in reqs):
-        base_top1 = None
         ed.memory.enabled.fill_(False)
         locs = [(p, a) for r in reqs for p, a in zip(r.locality_prompts, r.locality_answers) if a]
         base_top1 = answer_top1(ed, [p for p, _ in locs], [a for _, a in locs])

@@ -23,8 +23,8 @@ class Encoded:
 
     ids: token ids of context + prompt (+ target tokens except the last, when a target is given).
     subject_last: index in `ids` of the subject's last token.
-    target_ids: the target's tokens (empty without a target); token i is predicted at
-        position `target_start + i - 1` ... i.e. logits at `label_positions[i]`.
+    target_ids: the target's tokens (empty without a target); token i is predicted by the
+        logits at position `label_positions[i]`.
     """
 
     ids: list[int]
