@@ -1,20 +1,40 @@
 """Evaluation metrics of edits, after rome/memit's eval_utils_counterfact and eval_utils_zsre.
 
 All functions take an `Editor` whose model may or may not have a memory attached, so the same
-code scores the unedited and the edited model. Targets are continued as " " + target.
+code scores the unedited and the edited model. Targets are continued as " " + target. A
+baseline (`editing.baselines`) can stand in for the Editor: it has the same `model` and `tok`,
+and its `in_context(prompts)` gives the prompts the model really sees (retrieval for `scr`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections import Counter
 
 import torch
 
+from editing.baselines import BASELINES, EditMethod, make_baseline
 from editing.metrics import greedy_generate, new_beats_true, next_token_logits, target_nll
 from editing.prompts import pad_batch, target_token_ids
 from editing.records import EditRequest
+from editing.routers import ROUTERS
+
+
+def known_methods() -> list[str]:
+    """Every name `run_sequential` accepts: the memory's routers, then the baselines."""
+    return sorted(ROUTERS) + sorted(BASELINES)
+
+
+def _in_context(ed, prompts: list[str]) -> list[str]:
+    """The prompts as the model sees them (unchanged unless `ed` is a prompt-side baseline)."""
+    rewrite = getattr(ed, "in_context", None)
+    return rewrite(prompts) if rewrite else list(prompts)
+
+
+def _beats(ed, prompts: list[str], targets_new: list[str], targets_true: list[str]) -> torch.Tensor:
+    return new_beats_true(ed.model, ed.tok, _in_context(ed, prompts), targets_new, targets_true)
 
 
 def _rate(flags: torch.Tensor | list) -> float | None:
@@ -24,8 +44,8 @@ def _rate(flags: torch.Tensor | list) -> float | None:
 
 def efficacy(ed, reqs: list[EditRequest]) -> float | None:
     """Share of edited prompts where " target_new" beats " target_true" (mean per-token NLL)."""
-    return _rate(new_beats_true(ed.model, ed.tok, [r.prompt for r in reqs], [r.target_new for r in reqs],
-                                [r.target_true for r in reqs]))
+    return _rate(_beats(ed, [r.prompt for r in reqs], [r.target_new for r in reqs],
+                        [r.target_true for r in reqs]))
 
 
 def generalization(ed, reqs: list[EditRequest]) -> float | None:
@@ -33,8 +53,8 @@ def generalization(ed, reqs: list[EditRequest]) -> float | None:
     pairs = [(p, r) for r in reqs for p in r.rephrase_prompts]
     if not pairs:
         return None
-    return _rate(new_beats_true(ed.model, ed.tok, [p for p, _ in pairs], [r.target_new for _, r in pairs],
-                                [r.target_true for _, r in pairs]))
+    return _rate(_beats(ed, [p for p, _ in pairs], [r.target_new for _, r in pairs],
+                        [r.target_true for _, r in pairs]))
 
 
 def neighborhood(ed, reqs: list[EditRequest]) -> float | None:
@@ -42,8 +62,9 @@ def neighborhood(ed, reqs: list[EditRequest]) -> float | None:
     triples = [(p, a or r.target_true, r.target_new) for r in reqs for p, a in zip(r.locality_prompts, r.locality_answers)]
     if not triples:
         return None
-    nll_true = target_nll(ed.model, ed.tok, [t[0] for t in triples], [t[1] for t in triples])
-    nll_new = target_nll(ed.model, ed.tok, [t[0] for t in triples], [t[2] for t in triples])
+    prompts = _in_context(ed, [t[0] for t in triples])
+    nll_true = target_nll(ed.model, ed.tok, prompts, [t[1] for t in triples])
+    nll_new = target_nll(ed.model, ed.tok, prompts, [t[2] for t in triples])
     return _rate(nll_true < nll_new)
 
 
@@ -57,8 +78,8 @@ def subject_rephrase(ed, reqs: list[EditRequest]) -> float | None:
     pairs = substituted(reqs, lambda r: r.subject_rephrases)
     if not pairs:
         return None
-    return _rate(new_beats_true(ed.model, ed.tok, [p for p, _ in pairs], [r.target_new for _, r in pairs],
-                                [r.target_true for _, r in pairs]))
+    return _rate(_beats(ed, [p for p, _ in pairs], [r.target_new for _, r in pairs],
+                        [r.target_true for _, r in pairs]))
 
 
 def shuffle_subject(tok, subject: str, seed: int) -> str:
@@ -76,16 +97,16 @@ def shuffle_subject(tok, subject: str, seed: int) -> str:
 def shuffled_subject(ed, reqs: list[EditRequest], seed: int = 0) -> float | None:
     """Success of the new target with the subject's tokens shuffled (REP)."""
     pairs = [(r.prompt.replace(r.subject, shuffle_subject(ed.tok, r.subject, seed + i), 1), r) for i, r in enumerate(reqs)]
-    return _rate(new_beats_true(ed.model, ed.tok, [p for p, _ in pairs], [r.target_new for _, r in pairs],
-                                [r.target_true for _, r in pairs]))
+    return _rate(_beats(ed, [p for p, _ in pairs], [r.target_new for _, r in pairs],
+                        [r.target_true for _, r in pairs]))
 
 
 def long_context(ed, reqs: list[EditRequest], context: str, tokens: int = 512) -> float | None:
     """Success of the new target with about `tokens` tokens of unrelated text prepended (REP)."""
     ids = ed.tok(context)["input_ids"][:tokens]
     prefix = ed.tok.decode(ids).strip() + "\n\n"
-    return _rate(new_beats_true(ed.model, ed.tok, [prefix + r.prompt for r in reqs], [r.target_new for r in reqs],
-                                [r.target_true for r in reqs]))
+    return _rate(_beats(ed, [prefix + r.prompt for r in reqs], [r.target_new for r in reqs],
+                        [r.target_true for r in reqs]))
 
 
 @torch.no_grad()
@@ -93,7 +114,7 @@ def token_accuracy(ed, prompts: list[str], targets: list[str]) -> torch.Tensor:
     """zsRE top-1 token accuracy with teacher forcing, per prompt. Returns [n] float."""
     device = next(ed.model.parameters()).device
     out = []
-    for p, t in zip(prompts, targets):
+    for p, t in zip(_in_context(ed, prompts), targets):
         p_ids, t_ids = ed.tok(p)["input_ids"], target_token_ids(ed.tok, p, t)
         ids = torch.tensor([p_ids + t_ids], device=device)
         logits = ed.model(input_ids=ids, use_cache=False).logits[0]
@@ -107,7 +128,7 @@ def answer_top1(ed, prompts: list[str], answers: list[str]) -> list[torch.Tensor
     """Top-1 predicted tokens at each answer position (teacher forced), per prompt."""
     device = next(ed.model.parameters()).device
     out = []
-    for p, a in zip(prompts, answers):
+    for p, a in zip(_in_context(ed, prompts), answers):
         p_ids, a_ids = ed.tok(p)["input_ids"], target_token_ids(ed.tok, p, a)
         logits = ed.model(input_ids=torch.tensor([p_ids + a_ids], device=device), use_cache=False).logits[0]
         out.append(logits[len(p_ids) - 1: len(p_ids) - 1 + len(a_ids)].argmax(-1).cpu())
@@ -128,7 +149,7 @@ def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
 
 def fluency(ed, prompts: list[str], max_new_tokens: int = 40) -> float:
     """Mean n-gram entropy of greedy generations."""
-    gens = greedy_generate(ed.model, ed.tok, prompts, max_new_tokens)
+    gens = greedy_generate(ed.model, ed.tok, _in_context(ed, prompts), max_new_tokens)
     return sum(ngram_entropy(p + g) for p, g in zip(prompts, gens)) / max(len(gens), 1)
 
 
@@ -150,70 +171,170 @@ def perplexity(ed, text: str, max_tokens: int = 4096, chunk: int = 512) -> float
     return math.exp(nll / max(count, 1))
 
 
-def withdrawal(ed, reqs: list[EditRequest], edit_ids: list[str], base_logits: torch.Tensor) -> tuple[float, float]:
-    """Delete every other edit from the attached memory.
+def withdrawn_prompts(reqs: list[EditRequest]) -> list[str]:
+    """The prompts of the edits `withdrawal` deletes (every other one, from the first)."""
+    return [r.prompt for r in reqs[0::2]]
 
-    `base_logits` [n, vocab]: the unedited model's next-token logits on each request's prompt.
+
+def withdrawal(ed, reqs: list[EditRequest], edit_ids: list[str], base_logits: torch.Tensor) -> tuple[float, float]:
+    """Delete every other edit (from the attached memory, or through `ed.delete` where `ed` has one).
+
+    `base_logits` [ceil(n/2), vocab]: the unedited model's next-token logits on the prompts of the
+    edits to delete, `withdrawn_prompts(reqs)`, computed as that one batch: CPU kernels are not
+    batch-invariant (a different batch shape moves logits by ~1e-5), so "exactly" needs the same batch.
     Returns (share of deleted edits whose logits equal the unedited model's exactly,
     share of kept edits still successful). The deleted edits stay deleted.
     """
-    mem = ed.memory
+    delete = getattr(ed, "delete", None) or ed.memory.delete
     gone, kept = list(range(0, len(reqs), 2)), list(range(1, len(reqs), 2))
-    mem.delete([edit_ids[i] for i in gone])
-    after = next_token_logits(ed.model, ed.tok, [reqs[i].prompt for i in gone])
-    reverted = _rate([torch.equal(after[j], base_logits[i]) for j, i in enumerate(gone)])
+    delete([edit_ids[i] for i in gone])
+    after = next_token_logits(ed.model, ed.tok, _in_context(ed, [reqs[i].prompt for i in gone]))
+    reverted = _rate([torch.equal(after[j], base_logits[j]) for j in range(len(gone))])
     retained = efficacy(ed, [reqs[i] for i in kept]) if kept else None
     return reverted, retained
 
 
+class MemoryMethod(EditMethod):
+    """The external memory as an editing method, with the interface of `editing.baselines.Baseline`."""
+
+    can_delete = True
+
+    def __init__(self, ed, router: str | None = None, threshold: float | None = None, edit_cache: dict | None = None):
+        super().__init__(ed)
+        self.router, self.threshold = router, threshold
+        self.mem = None
+        # Edits computed on the unedited model (an empty memory is bit-identical to it) depend only on
+        # the Editor and the requests, not on the router: campaign cells that differ only in router or
+        # threshold share them. Later batches see earlier edits, so they are never cached.
+        self.edit_cache = edit_cache
+
+    def __enter__(self) -> "MemoryMethod":
+        self.mem = self.ed.attach(router=self.router, threshold=self.threshold)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ed.detach()
+
+    def edit(self, reqs: list[EditRequest]) -> list[str]:
+        key = (id(self.ed), self.ed.layer, self.ed.config.batch_size, tuple((r.prompt, r.subject, r.target_new, r.target_true) for r in reqs))
+        cached = self.edit_cache is not None and self.mem.n_facts == 0
+        edits = self.edit_cache.get(key) if cached else None
+        if edits is None:
+            edits = self.ed.compute(reqs)
+            if cached:
+                self.edit_cache[key] = edits
+        self.mem.add(edits.edit_ids, edits.keys, edits.residuals)
+        return edits.edit_ids
+
+    def delete(self, edit_ids: list[str]) -> int:
+        return self.mem.delete(edit_ids)
+
+    @contextlib.contextmanager
+    def disabled(self):
+        self.mem.enabled.fill_(False)
+        try:
+            yield
+        finally:
+            self.mem.enabled.fill_(True)
+
+    def describe(self) -> dict:
+        return {"router": self.mem.router.name, "threshold": float(self.mem.threshold), "layer": self.ed.layer}
+
+
+def open_method(ed, name: str | None = None, threshold: float | None = None, settings: dict | None = None,
+                edit_cache: dict | None = None):
+    """A router name (or None: the Editor's router) gives the memory; a baseline name gives the baseline.
+
+    `threshold` is the gate threshold of a router, or scr's `min_similarity`; the in-place
+    editors have none and refuse one. `settings` override a baseline's settings.
+    `edit_cache`: see `MemoryMethod` (memory methods only).
+    """
+    if name is None or name in ROUTERS:
+        if settings:
+            raise ValueError(f"settings {sorted(settings)} apply to baselines, not to the router {name!r}")
+        return MemoryMethod(ed, name, threshold, edit_cache)
+    if name not in BASELINES:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(known_methods()))}")
+    settings = dict(settings or {})
+    if name == "scr":
+        settings.setdefault("min_similarity", threshold)
+    elif threshold is not None:
+        raise ValueError(f"method {name!r} edits weights and has no threshold (got threshold={threshold})")
+    return make_baseline(name, ed, **settings)
+
+
+def _describe_baseline(method) -> dict:
+    d = method.describe()
+    layers = d["layers"]
+    thr = d["settings"].get("min_similarity")
+    return {"router": d["method"], "threshold": thr, "layer": layers[-1] if layers else None, "layers": layers,
+            "settings": d["settings"]}
+
+
 def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None = None, threshold: float | None = None,
                    perplexity_text: str | None = None, long_context_text: str | None = None, fluency_prompts: int = 20,
-                   progress=None) -> dict:
+                   progress=None, settings: dict | None = None, edit_cache: dict | None = None) -> dict:
     """Sequential editing: apply the edits in batches of `batch` (each computed on the model with
-    the earlier edits attached), then evaluate all of them at the end.
+    the earlier edits applied), then evaluate all of them at the end.
 
+    `router` names the method (`known_methods()`): a router of the memory, or a baseline
+    (`editing.baselines`; then `threshold` and `settings` are as in `open_method`). Every metric is computed the
+    same way on the edited model; the in-place editors edit a copy of the weights, swapped out
+    again on return, so the Editor's model is bit-identical afterwards.
+    Withdrawal: the memory and `scr` delete single edits exactly; the in-place editors report
+    None (subtracting an update is not exact in floating point, and later updates depend on it).
+    Perplexity drift is measured for every method (a real change only for in-place editors).
+
+    `edit_cache`: a dict shared by runs on the same Editor; the unedited model's measurements and the
+    first-batch edits of a memory method (see `MemoryMethod`) are reused from it.
     Returns the `kvedit eval` JSON fields (robustness fields only where the data has them).
     """
     import time
 
     t0 = time.perf_counter()
+    method = open_method(ed, router, threshold, settings, edit_cache)
     ed.detach()
-    base_logits = next_token_logits(ed.model, ed.tok, [r.prompt for r in reqs])
-    pre_spec = neighborhood(ed, reqs)
-    pre_ppl = perplexity(ed, perplexity_text) if perplexity_text else None
-    pre_flu = fluency(ed, [r.prompt for r in reqs[:fluency_prompts]])
-    mem = ed.attach(router=router, threshold=threshold)
-    ids: list[str] = []
-    for i in range(0, len(reqs), batch):
-        chunk = reqs[i: i + batch]
-        edits = ed.compute(chunk)
-        mem.add(edits.edit_ids, edits.keys, edits.residuals)
-        ids += edits.edit_ids
-        if progress:
-            progress(len(chunk))
-    out = {
-        "n_edits": len(reqs), "batch": batch, "router": mem.router.name, "threshold": float(mem.threshold),
-        "layer": ed.layer,
-        "efficacy": efficacy(ed, reqs), "generalization": generalization(ed, reqs),
-        "specificity": neighborhood(ed, reqs), "pre_specificity": pre_spec,
-        "fluency": fluency(ed, [r.prompt for r in reqs[:fluency_prompts]]), "pre_fluency": pre_flu,
-    }
-    if pre_ppl is not None:
-        out["perplexity_delta"] = perplexity(ed, perplexity_text) / pre_ppl - 1
-    if any(r.subject_rephrases for r in reqs):
-        out["subject_rephrase"] = subject_rephrase(ed, reqs)
-    out["shuffled_subject"] = shuffled_subject(ed, reqs)
-    if long_context_text:
-        out["long_context"] = long_context(ed, reqs, long_context_text)
-    if any(r.locality_prompts for r in reqs):
-        ed.memory.enabled.fill_(False)
-        locs = [(p, a) for r in reqs for p, a in zip(r.locality_prompts, r.locality_answers) if a]
-        base_top1 = answer_top1(ed, [p for p, _ in locs], [a for _, a in locs])
-        ed.memory.enabled.fill_(True)
-        after = answer_top1(ed, [p for p, _ in locs], [a for _, a in locs])
-        same = torch.cat([(x == y).float() for x, y in zip(base_top1, after)]) if locs else torch.zeros(0)
-        out["locality"] = _rate(same)
-    out["withdrawal_reverted"], out["withdrawal_retained"] = withdrawal(ed, reqs, ids, base_logits)
-    ed.detach()
+    before_key = ("unedited", id(ed), ed.layer, tuple((r.prompt, r.subject) for r in reqs), perplexity_text, fluency_prompts)
+    before = edit_cache.get(before_key) if edit_cache is not None else None
+    if before is None:  # the unedited model's side, shared by every run on the same Editor and requests
+        before = (next_token_logits(ed.model, ed.tok, withdrawn_prompts(reqs)), neighborhood(ed, reqs),
+                  perplexity(ed, perplexity_text) if perplexity_text else None,
+                  fluency(ed, [r.prompt for r in reqs[:fluency_prompts]]))
+        if edit_cache is not None:
+            edit_cache[before_key] = before
+    base_logits, pre_spec, pre_ppl, pre_flu = before
+    with method:
+        ids: list[str] = []
+        for i in range(0, len(reqs), batch):
+            chunk = reqs[i: i + batch]
+            ids += method.edit(chunk)
+            if progress:
+                progress(len(chunk))
+        m = method  # metrics read the model through the method (scr rewrites the prompts)
+        out = {
+            "n_edits": len(reqs), "batch": batch,
+            **(m.describe() if isinstance(m, MemoryMethod) else _describe_baseline(m)),
+            "efficacy": efficacy(m, reqs), "generalization": generalization(m, reqs),
+            "specificity": neighborhood(m, reqs), "pre_specificity": pre_spec,
+            "fluency": fluency(m, [r.prompt for r in reqs[:fluency_prompts]]), "pre_fluency": pre_flu,
+        }
+        if pre_ppl is not None:
+            out["perplexity_delta"] = perplexity(m, perplexity_text) / pre_ppl - 1
+        if any(r.subject_rephrases for r in reqs):
+            out["subject_rephrase"] = subject_rephrase(m, reqs)
+        out["shuffled_subject"] = shuffled_subject(m, reqs)
+        if long_context_text:
+            out["long_context"] = long_context(m, reqs, long_context_text)
+        if any(r.locality_prompts for r in reqs):
+            locs = [(p, a) for r in reqs for p, a in zip(r.locality_prompts, r.locality_answers) if a]
+            with m.disabled():
+                base_top1 = answer_top1(m, [p for p, _ in locs], [a for _, a in locs])
+            after = answer_top1(m, [p for p, _ in locs], [a for _, a in locs])
+            same = torch.cat([(x == y).float() for x, y in zip(base_top1, after)]) if locs else torch.zeros(0)
+            out["locality"] = _rate(same)
+        if m.can_delete:
+            out["withdrawal_reverted"], out["withdrawal_retained"] = withdrawal(m, reqs, ids, base_logits)
+        else:
+            out["withdrawal_reverted"] = out["withdrawal_retained"] = None
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out

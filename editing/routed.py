@@ -59,6 +59,8 @@ class RoutedFFN(nn.Module):
         self.register_buffer("tokens", torch.zeros((), dtype=torch.long, device=device))
         self.use_prefilter = False
         self.has_basis = False
+        # REP robust keys (`editing.rep.RobustKeys`): rewrites the routing query only, never the FFN output.
+        self.query_adapter: nn.Module | None = None
         # Under tensor parallelism the key is split across ranks: partial dot products and
         # squared norms are summed by this all-reduce (identity with one rank).
         self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -78,6 +80,8 @@ class RoutedFFN(nn.Module):
         key: [T, d_key]. Returns best [T] long, score [T], weight [T] (0 where gated off).
         """
         key = key.to(self.rows.dtype)
+        if self.query_adapter is not None:
+            key = self.query_adapter(key)
         scale = self.router.query_scale(self._r((key * key).sum(-1)))  # [T]
         if self.use_prefilter:
             approx = self._r(key @ self.basis) @ self.low.T + self.bias  # [T, cap]
@@ -189,17 +193,16 @@ class RoutedFFN(nn.Module):
         if len(set(added_ids)) != n:
             raise ValueError("duplicate edit ids in one delta")
         with self.lock:
-            removed = 0
-            for eid in deleted_ids:
-                slot = self.slots.pop(eid, None)
-                if slot is not None:
-                    self.bias[slot] = float("-inf")
-                    self.gain[slot] = 0.0
-                    self.rows[slot].zero_()
-                    self.residuals[slot].zero_()
-                    self.low[slot].zero_()
-                    self._free.append(slot)
-                    removed += 1
+            gone = [slot for slot in (self.slots.pop(eid, None) for eid in deleted_ids) if slot is not None]
+            if gone:
+                idx = torch.tensor(gone, device=self.rows.device)
+                self.bias[idx] = float("-inf")  # one indexed write per buffer, not one per row
+                self.gain[idx] = 0.0
+                self.rows[idx] = 0.0
+                self.residuals[idx] = 0.0
+                self.low[idx] = 0.0
+                self._free.extend(gone)
+            removed = len(gone)
             if n:
                 new_ids = [e for e in added_ids if e not in self.slots]
                 self.ensure_capacity(len(self.slots) + len(new_ids))

@@ -117,16 +117,58 @@ def test_cli_bad_batch_writes_nothing(tmp_path):
 
 
 def test_withdrawal_restores_exact_base_logits_for_deleted_edits(smol, ten_edits):
-    from editing.evaluate import efficacy, withdrawal
+    from editing.evaluate import efficacy, withdrawal, withdrawn_prompts
 
     recs, edits = ten_edits
     smol.detach()
-    base = next_token_logits(smol.model, smol.tok, [r.prompt for r in recs])
+    base = next_token_logits(smol.model, smol.tok, withdrawn_prompts(recs))
     try:
         smol.attach(edits.table)
         before = efficacy(smol, recs)
         reverted, retained = withdrawal(smol, recs, edits.edit_ids, base)
         assert reverted == 1.0, "deleted edits must give exactly the unedited model's logits"
         assert retained >= before - 0.2 and smol.memory.n_facts == 5
+    finally:
+        smol.detach()
+
+
+def test_robust_keys_reroute_rephrased_subjects_and_leave_the_rest(smol, ten_edits):
+    """REP adapter: in-domain subject rephrasings route to their own edit far more often, stored keys
+    still select themselves, WikiText tokens stay gated off, and the base path is untouched."""
+    from editing.keys import compute_keys
+    from editing.rep import RobustKeyHparams, _negative_keys, fit_robust_keys, variant_requests
+    from editing.stats import corpus_half, default_corpus_path
+
+    recs, edits = ten_edits
+    text = default_corpus_path().read_text()
+    first = corpus_half(text, "first")
+    mem = smol.new_memory()
+    mem.add(edits.edit_ids, edits.keys, edits.residuals)
+    adapter = fit_robust_keys(smol, mem, recs, edits.keys, first[:60_000], hp=RobustKeyHparams(steps=200, negatives=1024))
+
+    var, owner = variant_requests(recs, slice(0, 5), smol.tok, seed=100_000)  # the in-domain variants
+    q = compute_keys(smol.model, smol.tok, smol.adapter, smol.layer, var, ["{}"])
+    own = torch.tensor(owner)
+    neg = _negative_keys(smol, recs, first[200_000:260_000], 1024)  # WikiText the adapter never saw
+
+    def routed_to_own(keys):
+        best, _, w = mem.route(keys)
+        return float(((best == own) & (w > 0)).float().mean())
+
+    before, before_neg = routed_to_own(q), float((mem.route(neg)[2] > 0).float().mean())
+    mem.query_adapter = adapter
+    after, after_neg = routed_to_own(q), float((mem.route(neg)[2] > 0).float().mean())
+    best, _, w = mem.route(edits.keys)
+    assert torch.equal(best, torch.arange(10)) and bool((w > 0).all()), "stored keys still select themselves"
+    assert after >= before + 0.2, f"in-domain rephrasings routed to their edit: {before:.2f} -> {after:.2f}"
+    assert after_neg <= before_neg + 0.01, f"WikiText false gates {before_neg:.4f} -> {after_neg:.4f}"
+
+    probe = [r.prompt for r in recs]
+    smol.detach()
+    base = next_token_logits(smol.model, smol.tok, probe)
+    mem.clear()
+    smol.attach(memory=mem)
+    try:
+        assert torch.equal(next_token_logits(smol.model, smol.tok, probe), base), "adapter never touches the base path"
     finally:
         smol.detach()

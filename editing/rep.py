@@ -1,0 +1,157 @@
+"""REP robust keys: a trained adapter on the routing query that makes rephrased, shuffled and
+long-context subjects route to their stored edit.
+
+The adapter only changes the query the router scores, never the FFN's own computation:
+    q' = q + g(q) * (q A) B,   g(q) = sigmoid(w . q/|q| + b)
+with A [d_key, rank], B [rank, d_key] (B starts at zero, so a new adapter is the identity) and a
+scalar gate g per token that learns to fire only on tokens that need rerouting.
+
+Training (after the REP paper) on the memory's own router scores:
+- aggregation: keys of the subject's variants (rephrasings, shuffled tokens, a long unrelated
+  prefix) must select their stored edit (cross-entropy over all stored rows) with a gate score
+  above the threshold plus a margin;
+- consistency: the stored keys themselves are left unchanged (q' = q);
+- negatives: WikiText tokens and the non-subject tokens of the edit prompts keep the gate closed
+  and score below the threshold minus a margin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from editing.evaluate import shuffle_subject
+from editing.keys import compute_keys, token_keys
+from editing.prompts import pad_batch
+from editing.records import EditRequest
+
+
+class RobustKeys(nn.Module):
+    """The query adapter. forward: keys [T, d_key] -> rerouted keys [T, d_key] (same dtype)."""
+
+    def __init__(self, d_key: int, rank: int = 64):
+        super().__init__()
+        self.d_key, self.rank = d_key, rank
+        self.down = nn.Parameter(torch.randn(d_key, rank) / d_key ** 0.5)  # A
+        self.up = nn.Parameter(torch.zeros(rank, d_key))  # B
+        self.gate_w = nn.Parameter(torch.zeros(d_key))
+        self.gate_b = nn.Parameter(torch.tensor(-4.0))
+
+    def gate(self, key: torch.Tensor) -> torch.Tensor:
+        """Per-token gate in (0, 1): key [T, d_key] -> [T]."""
+        return torch.sigmoid(F.normalize(key.float(), dim=-1) @ self.gate_w + self.gate_b)
+
+    def forward(self, key: torch.Tensor) -> torch.Tensor:
+        k = key.float()
+        return (k + self.gate(k)[:, None] * ((k @ self.down) @ self.up)).to(key.dtype)
+
+    def config(self) -> dict:
+        return {"d_key": self.d_key, "rank": self.rank}
+
+
+@dataclass
+class RobustKeyHparams:
+    rank: int = 64
+    steps: int = 300
+    lr: float = 3e-3
+    margin: float = 0.1
+    temperature: float = 0.05
+    long_context_tokens: int = 256
+    negatives: int = 4096
+
+
+def variant_requests(reqs: list[EditRequest], rephrases: slice, tok, seed: int = 0) -> tuple[list[EditRequest], list[int]]:
+    """The subject variants REP trains on: each subject rephrasing in `rephrases`, and the
+    subject's tokens shuffled. Returns (requests with the substituted subject, owning edit index)."""
+    out, owner = [], []
+    for i, r in enumerate(reqs):
+        subs = list(r.subject_rephrases[rephrases]) + [shuffle_subject(tok, r.subject, seed + i)]
+        for s in subs:
+            if s and s != r.subject:
+                out.append(EditRequest(prompt=r.prompt.replace(r.subject, s, 1), subject=s, target_new=r.target_new,
+                                       target_true=r.target_true))
+                owner.append(i)
+    return out, owner
+
+
+@torch.no_grad()
+def _bare_keys(ed, reqs: list[EditRequest], context: str = "{}") -> torch.Tensor:
+    """Key at the subject's last token of each prompt (one context, no averaging): [n, d_key]."""
+    return compute_keys(ed.model, ed.tok, ed.adapter, ed.layer, reqs, [context]).cpu()
+
+
+@torch.no_grad()
+def _negative_keys(ed, reqs: list[EditRequest], text: str, n: int) -> torch.Tensor:
+    """FFN keys of WikiText tokens and of the edit prompts' tokens before the subject: [m, d_key]."""
+    from editing.prompts import encode
+    from editing.stats import corpus_chunks
+
+    chunks = corpus_chunks(ed.tok, text, chunk_tokens=256, max_tokens=n + 256)
+    device = next(ed.model.parameters()).device
+    out = []
+    for i in range(0, len(chunks), 8):
+        ids, mask = pad_batch(chunks[i: i + 8], ed.tok.pad_token_id, device)
+        out.append(token_keys(ed.model, ed.adapter, ed.layer, ids, mask)[mask.bool()].cpu())
+    enc = [encode(ed.tok, r.prompt, r.subject) for r in reqs]
+    ids, mask = pad_batch([e.ids for e in enc], ed.tok.pad_token_id, device)
+    k = token_keys(ed.model, ed.adapter, ed.layer, ids, mask).cpu()
+    n_subj_tokens = [len(ed.tok(r.subject, add_special_tokens=False)["input_ids"]) for r in reqs]
+    for j, e in enumerate(enc):  # tokens before the subject's first token
+        first = max(e.subject_last - n_subj_tokens[j] + 1, 0)
+        out.append(k[j, :first][mask[j, :first].bool().cpu()])
+    return torch.cat(out)[: n + sum(len(e.ids) for e in enc)]
+
+
+def fit_robust_keys(ed, memory, reqs: list[EditRequest], stored_keys: torch.Tensor, negative_text: str,
+                    rephrases: slice = slice(0, 5), hp: RobustKeyHparams | None = None, seed: int = 0) -> RobustKeys:
+    """Train a `RobustKeys` adapter for the edits `reqs` held in `memory` (a `RoutedFFN`).
+
+    stored_keys: [n, d_key] the edits' stored (context-averaged) keys, row i for reqs[i].
+    negative_text: text whose tokens must not fire (use C0's half of WikiText, never the perplexity half).
+    rephrases: which `subject_rephrases` are seen in training (the rest stay out-of-domain).
+    Returns the adapter (not yet installed; `memory.query_adapter = adapter` installs it).
+    """
+    hp = hp or RobustKeyHparams()
+    torch.manual_seed(seed)
+    # shuffles seeded apart from evaluation's (`evaluate.shuffled_subject` uses small seeds)
+    var, owner = variant_requests(reqs, rephrases, ed.tok, seed + 100_000)
+    pos = [_bare_keys(ed, var)] if var else []
+    pos_owner = list(owner)
+    # long context: the unrelated prefix a REP "long context" query carries
+    ids = ed.tok(negative_text)["input_ids"][-hp.long_context_tokens:]
+    prefix = ed.tok.decode(ids).strip() + "\n\n"
+    pos.append(_bare_keys(ed, reqs, context=prefix.replace("{", "{{").replace("}", "}}") + "{}"))
+    pos_owner += list(range(len(reqs)))
+    pos_k = torch.cat(pos).float()
+    pos_owner_t = torch.tensor(pos_owner)
+    neg_k = _negative_keys(ed, reqs, negative_text, hp.negatives).float()
+    mu = stored_keys.float().cpu()
+
+    router = memory.router
+    rows, gains = router.derive_rows(mu)
+    rows, gains = rows.float().cpu(), gains.float().cpu()
+    thr = float(memory.threshold)
+    adapter = RobustKeys(mu.shape[1], hp.rank)
+    opt = torch.optim.Adam(adapter.parameters(), lr=hp.lr)
+
+    def scores(q):  # [m, n] the router's selection scores, as RoutedFFN.route computes them
+        return router.query_scale((q * q).sum(-1))[:, None] * (q @ rows.T)
+
+    for _ in range(hp.steps):
+        opt.zero_grad()
+        sp = scores(adapter(pos_k))
+        own = sp.gather(1, pos_owner_t[:, None]).squeeze(1) * gains[pos_owner_t]
+        agg = F.cross_entropy(sp / hp.temperature, pos_owner_t) + F.relu(thr + hp.margin - own).mean()
+        cons = ((adapter(mu) - mu).pow(2).sum(-1) / mu.pow(2).sum(-1)).mean()
+        sn = scores(adapter(neg_k))
+        neg_best, j = sn.max(-1)
+        neg = F.relu(neg_best * gains[j] - (thr - hp.margin)).mean()
+        gate = F.binary_cross_entropy(adapter.gate(pos_k), torch.ones(len(pos_k))) + \
+            F.binary_cross_entropy(adapter.gate(neg_k), torch.zeros(len(neg_k)))
+        loss = agg + 10 * cons + neg + 0.1 * gate
+        loss.backward()
+        opt.step()
+    return adapter.eval().requires_grad_(False)
