@@ -1,17 +1,49 @@
-"""Commit computed edits into a named store memory (shared by `edit run` and the job workers)."""
+"""Commit computed edits into a named store memory (shared by `edit run` and the job workers).
+
+A memory's router config is `{"name", "threshold"}` with a fixed threshold, or a calibrated one
+(docs/adr/0006-calibrated-gates.md):
+
+    {"name": "cosine", "threshold": 0.71, "calibrate": true, "calibration": {"false_gate_rate": ..., ...}}
+
+For a calibrated memory every commit first re-chooses the threshold (`editing.calibrate`) on the
+rows the memory will hold after the commit, and writes it with its statistics into the router
+config of the new version, in the same store transaction; serving applies it with the rows.
+`"calibrate"` may also be a dict of `CalibrationConfig` fields (e.g. `{"target_rate": 1e-4}`).
+"""
 
 from __future__ import annotations
 
+import logging
+
 import pyarrow as pa
+import pyarrow.compute as pc
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+CALIBRATE_BY_DEFAULT = False  # see benchmarks/RESULTS.md, "Calibrated gates"
 
 
-def router_config(name: str, threshold: float | None) -> dict:
-    """The router configuration a memory is bound to."""
+def router_config(name: str, threshold: float | str | None) -> dict:
+    """The router configuration a new memory is bound to.
+
+    threshold: a number (fixed), "auto" (calibrated at every commit), or None: calibrated when
+    `CALIBRATE_BY_DEFAULT`, else the router's default threshold.
+    """
     from editing.routers import ROUTERS
 
     if name not in ROUTERS:
         raise ValueError(f"unknown router {name!r}; choose one of {', '.join(sorted(ROUTERS))}")
-    return {"name": name, "threshold": ROUTERS[name].default_threshold if threshold is None else float(threshold)}
+    default = ROUTERS[name].default_threshold
+    if threshold == AUTO or (threshold is None and CALIBRATE_BY_DEFAULT):
+        return {"name": name, "threshold": default, "calibrate": True}
+    if isinstance(threshold, str):
+        raise ValueError(f"threshold must be a number or {AUTO!r}, not {threshold!r}")
+    return {"name": name, "threshold": default if threshold is None else float(threshold)}
+
+
+def is_calibrated(config: dict) -> bool:
+    return bool((config or {}).get("calibrate"))
 
 
 def open_store(store: str | None = None, redis_url: str | None = None):
@@ -20,14 +52,76 @@ def open_store(store: str | None = None, redis_url: str | None = None):
     return MemoryStore(store, redis_url=redis_url)
 
 
+def ensure_memory(st, memory: str, spec, router: str, threshold: float | str | None = None) -> dict:
+    """Create `memory` if missing, bound to `spec` and the router; return its router config.
+
+    An existing memory must match `spec` and the router name. Its threshold is kept when
+    `threshold` is None; a number must equal its fixed threshold, and "auto" needs a calibrated
+    memory (`MemoryMismatchError` otherwise, nothing written).
+    """
+    from editing.table import MemoryMismatchError
+
+    wanted = router_config(router, threshold)
+    if not st.exists(memory):
+        st.create(memory, spec, wanted, exist_ok=True)
+    info = st.info(memory)
+    info.check(spec)
+    have = info.router
+    if have.get("name") != router:
+        raise MemoryMismatchError(f"memory {memory!r} v{info.version} uses router {have.get('name')!r}, not {router!r}")
+    if threshold is not None and (is_calibrated(wanted) != is_calibrated(have)
+                                  or (not is_calibrated(have) and have.get("threshold") != wanted["threshold"])):
+        now = "calibrated" if is_calibrated(have) else f"fixed at {have.get('threshold')}"
+        raise MemoryMismatchError(f"memory {memory!r} v{info.version} has its threshold {now}, not {threshold!r}")
+    return have
+
+
+def calibrated_router(editor, st, memory: str, table: pa.Table, requests: dict | None = None, stats=None) -> dict | None:
+    """The router config for the version committing `table` into `memory`; None unless it is calibrated.
+
+    editor: an `Editor` of the memory's model and layer. requests: edit_id -> `EditRequest` of the
+    new rows (their paraphrases become positives too). stats: C0 for the whitened router
+    (default: `editor.stats()`). Rows already in the memory are kept as they are (skip_existing).
+    """
+    from editing.calibrate import CalibrationConfig, calibrate, fact_prompts
+    from editing.table import table_tensors
+
+    info, current = st.load(memory, spec=editor.spec)
+    if not is_calibrated(info.router):
+        return None
+    new = table.filter(pc.invert(pc.is_in(table.column("edit_id"), value_set=current.column("edit_id"))))
+    rows = pa.concat_tables([current, new.select(current.schema.names).cast(current.schema)])
+    name = info.router["name"]
+    routed = editor.new_memory(router=name, stats=stats)
+    ids, keys, residuals = table_tensors(rows, editor.spec)
+    routed.add(ids, keys, residuals)
+    facts = list(zip(ids, rows.column("subject").to_pylist(), rows.column("prompt").to_pylist()))
+    requests = requests or {}
+    facts += [f for f in fact_prompts(list(requests), list(requests.values())) if f[2] != requests[f[0]].prompt]
+    options = info.router["calibrate"] if isinstance(info.router["calibrate"], dict) else {}
+    cal = calibrate(editor, routed, facts, CalibrationConfig(**options))
+    if cal is None:
+        return None
+    log.info("memory %r: calibrated %s threshold %.4f (recall %.3f, false-gate rate %.2g, %s)", memory, name,
+             cal.threshold, cal.recall, cal.false_gate_rate, cal.objective)
+    return {**info.router, "threshold": round(cal.threshold, 6), "calibration": cal.to_dict()}
+
+
 def commit_edits(editor, table: pa.Table, memory: str, store: str | None, redis_url: str | None, router: str,
-                 threshold: float | None = None, job_id: str | None = None) -> dict:
+                 threshold: float | str | None = None, job_id: str | None = None, records: list | None = None) -> dict:
     """Create `memory` if needed (bound to the editor's model, layer and router) and commit `table`.
 
-    Returns {"memory", "version", "store"}. Raises the store's errors (mismatched spec or
-    router, unreachable Redis) before anything is written.
+    records: the `EditRequest`s of `table`'s rows, in order (their paraphrases help calibration).
+    Returns {"memory", "version", "store", "threshold"} (+ "calibration" for a calibrated memory).
+    Raises the store's errors (mismatched spec or router, unreachable Redis) before anything is written.
     """
-    st = open_store(store, redis_url)
-    st.create(memory, editor.spec, router_config(router, threshold), exist_ok=True)
-    v = st.commit(memory, add=table, message=f"edit run: {table.num_rows} edits", job_id=job_id)
-    return {"memory": memory, "version": v.version, "store": st.root}
+    requests = dict(zip(table.column("edit_id").to_pylist(), records)) if records else None
+    with open_store(store, redis_url) as st:
+        have = ensure_memory(st, memory, editor.spec, router, threshold)
+        update = calibrated_router(editor, st, memory, table, requests) if is_calibrated(have) else None
+        v = st.commit(memory, add=table, message=f"edit run: {table.num_rows} edits", job_id=job_id, router_update=update)
+    cfg = update or have
+    out = {"memory": memory, "version": v.version, "store": st.root, "threshold": cfg.get("threshold")}
+    if "calibration" in cfg:
+        out["calibration"] = cfg["calibration"]
+    return out

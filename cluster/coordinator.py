@@ -494,7 +494,7 @@ class _JobRun:
 
     def prepare(self) -> None:
         """Warm the optimisers on the model, create the memory, and build statistics when needed."""
-        from cluster.commit import router_config
+        from cluster.commit import ensure_memory
         from editing import EditConfig
         from editing.table import MemorySpec
 
@@ -509,7 +509,7 @@ class _JobRun:
         evaluators = self.coord.evaluator_pool()
         for slot in evaluators.slots if evaluators is not None else []:
             slot.handle.warm.remote(self.spec.model, mspec.layer)  # loads the model while batches run
-        self.coord.store.create(self.spec.memory, mspec, router_config(self.spec.router, self.spec.threshold), exist_ok=True)
+        ensure_memory(self.coord.store, self.spec.memory, mspec, self.spec.router, self.spec.threshold)
         if self.spec.router == "whitened" or self.spec.stats_tokens:
             tokens = self.spec.stats_tokens or EditConfig.for_model(self.spec.model, **self.spec.editor_overrides()).stats_tokens
             self.coord.jobs.update(self.job_id, stage="statistics")
@@ -583,7 +583,8 @@ class _JobRun:
         indices = [i for b, _ in results for i in b.indices]
         try:
             v = self.coord.store.commit(self.spec.memory, add=table, job_id=self.job_id, skip_existing=True,
-                                        message=f"job {self.job_id}: {len(indices)} edits")
+                                        message=f"job {self.job_id}: {len(indices)} edits",
+                                        router_update=self.calibrated_router(table, indices))
         except StoreUnavailableError:
             raise
         except StoreError as exc:
@@ -601,6 +602,26 @@ class _JobRun:
         log.info("job %s: committed %d edits -> memory %r v%d", self.job_id, len(indices), self.spec.memory, v.version)
         self.event("optimise", self.count(RecordState.COMMITTED), len(self.spec.records))
         self.submit_evaluation(indices, v.version)
+
+    def calibrated_router(self, table: pa.Table, indices: list[int]) -> dict | None:
+        """The recalibrated router config for this commit (None: the memory is not calibrated, or
+        calibration failed, which is logged and leaves the threshold as it was)."""
+        import ray
+
+        from cluster.commit import is_calibrated
+        from workers.common import table_to_ipc
+
+        if not is_calibrated(self.coord.store.info(self.spec.memory).router):
+            return None
+        requests = {job_edit_id(self.job_id, i): self.requests[i] for i in indices}
+        ref = self.coord.value_pool().next_slot().handle.calibrate.remote(
+            self.coord.store.root, self.coord.config.redis_url, self.spec.memory, self.spec.model,
+            self.spec.editor_overrides(), table_to_ipc(table), requests, self.stats_key)
+        try:
+            return ray.get(ref, timeout=self.coord.config.actor_timeout)
+        except Exception as exc:  # noqa: BLE001 - the edits are still committed, with the previous threshold
+            log.warning("job %s: calibration of %r failed, threshold unchanged: %s", self.job_id, self.spec.memory, exc)
+            return None
 
     # ------------------------------------------------------------------ evaluation
 

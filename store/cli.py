@@ -72,7 +72,12 @@ def _info_table(info: MemoryInfo) -> Table:
     t.add_row("d_key / d_model", f"{spec.d_key} / {spec.d_model}")
     t.add_row("version", str(info.version))
     t.add_row("rows", str(info.n_rows))
-    t.add_row("router", json.dumps(info.router, sort_keys=True))
+    t.add_row("router", json.dumps({k: v for k, v in info.router.items() if k != "calibration"}, sort_keys=True))
+    gate = _gate(info)
+    t.add_row("threshold", f"{gate['threshold']} ({'calibrated' if gate['calibrated'] else 'fixed'})")
+    if gate.get("false_gate_rate") is not None:
+        t.add_row("false-gate rate (est.)", f"{gate['false_gate_rate']:.2e} (target {gate.get('target_rate')})")
+        t.add_row("recall (est.)", f"{gate['recall']:.3f} ({gate.get('objective')})")
     for k, v in sorted(info.metadata.items()):
         t.add_row(f"metadata.{k}", json.dumps(v) if not isinstance(v, str) else v)
     t.add_row("created", info.created_at.isoformat(timespec="seconds"))
@@ -105,6 +110,14 @@ def ls_cmd(store: Optional[str] = StoreOpt, redis_url: Optional[str] = RedisOpt,
         _emit([i.to_dict() for i in infos], as_json, render)
 
 
+def _gate(info: MemoryInfo) -> dict:
+    """The gate of a version: its threshold, whether it is calibrated, and the calibration's estimates."""
+    cal = info.router.get("calibration") or {}
+    gate = {"threshold": info.router.get("threshold"), "calibrated": bool(info.router.get("calibrate"))}
+    gate.update({k: cal[k] for k in ("false_gate_rate", "recall", "target_rate", "objective") if k in cal})
+    return gate
+
+
 @memory_app.command("show")
 def show_cmd(
     name: str,
@@ -114,7 +127,7 @@ def show_cmd(
     """Spec, router config, version, row count and per-version metadata of a memory."""
     with _store(store, redis_url, as_json) as s:
         info = s.info(name, version)
-        _emit(info.to_dict(), as_json, lambda: _out.print(_info_table(info)))
+        _emit({**info.to_dict(), "gate": _gate(info)}, as_json, lambda: _out.print(_info_table(info)))
 
 
 @memory_app.command("history")

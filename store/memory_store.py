@@ -451,16 +451,20 @@ class MemoryStore:
         job_id: str | None = None,
         skip_existing: bool = True,
         metadata_update: dict | None = None,
+        router_update: dict | None = None,
     ) -> MemoryVersion:
         """Append rows and delete edit_ids in one new version (deletes apply first, so an id in both is replaced).
 
         `skip_existing=True` skips rows whose edit_id is already in the current version (so job
         retries never duplicate an edit); False replaces those rows. Unknown delete ids are
         ignored. `metadata_update` is merged into the per-version metadata (None deletes a key).
-        A commit that would change nothing creates no version and returns the current one.
+        `router_update` replaces the router config from this version on (a calibrated threshold);
+        its router name must stay the same. A commit that would change nothing creates no version
+        and returns the current one.
         """
         return self._change(name, add=add, delete_ids=delete_ids, where_sql=None, message=message, job_id=job_id,
-                            skip_existing=skip_existing, metadata_update=metadata_update, op="commit")
+                            skip_existing=skip_existing, metadata_update=metadata_update, op="commit",
+                            router_update=router_update)
 
     def delete(
         self, name: str, edit_ids: list[str] | None = None, subject: str | None = None, job_id: str | None = None,
@@ -483,7 +487,7 @@ class MemoryStore:
 
     def _change(
         self, name: str, *, add: pa.Table | None, delete_ids: list[str] | None, where_sql: str | None, message: str,
-        job_id: str | None, skip_existing: bool, metadata_update: dict | None, op: str,
+        job_id: str | None, skip_existing: bool, metadata_update: dict | None, op: str, router_update: dict | None = None,
     ) -> MemoryVersion:
         head = self._open(name)
         spec, _ = self._state(head, name)
@@ -495,6 +499,11 @@ class MemoryStore:
                 json.dumps(metadata_update)
             except TypeError as exc:
                 raise InvalidRowsError(f"{where(name)}: metadata_update is not JSON-serialisable: {exc}", name) from exc
+        if router_update is not None:
+            try:
+                router_update = json.loads(json.dumps(router_update))
+            except TypeError as exc:
+                raise StoreError(f"{where(name)}: router_update is not JSON-serialisable: {exc}", name) from exc
         written: dict[str, list[FragmentMetadata]] = {}
 
         def fragments_for(ds: lance.LanceDataset, table: pa.Table) -> list[FragmentMetadata]:
@@ -537,7 +546,13 @@ class MemoryStore:
                 if new_rows.num_rows == 0:
                     new_rows = None
             metadata = _merge_metadata(state.get("metadata", {}), metadata_update)
-            if new_rows is None and not doomed and metadata == state.get("metadata", {}):
+            router = state.get("router", {})
+            if router_update is not None:
+                if router_update.get("name") != router.get("name"):
+                    raise MemoryMismatchError(f"{where(name, hv)} has router {router.get('name')!r}; "
+                                              f"a commit cannot switch it to {router_update.get('name')!r}")
+                router = router_update
+            if new_rows is None and not doomed and metadata == state.get("metadata", {}) and router == state.get("router", {}):
                 return None
             fragments = self._delete_rows(ds, live, doomed, name)
             n_added = 0 if new_rows is None else new_rows.num_rows
@@ -547,7 +562,7 @@ class MemoryStore:
             n_rows = live.num_rows - len(doomed) + n_added
             info = {"op": op, "message": message, "job_id": job_id, "n_added": n_added, "n_deleted": len(doomed),
                     "n_rows": n_rows, "committed_at": now}
-            new_state = dict(state, metadata=metadata, n_rows=n_rows, committed_at=now)
+            new_state = dict(state, router=router, metadata=metadata, n_rows=n_rows, committed_at=now)
             return _Plan(LanceOperation.Merge(fragments, LanceSchema.from_pyarrow(stored_schema(spec, name, new_state))), info)
 
         return self._commit_loop(name, plan)

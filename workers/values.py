@@ -44,3 +44,20 @@ class ValueOptimiser:
             "table": table_to_ipc(edits.table), "edit_ids": list(edits.edit_ids), "loss": list(edits.loss),
             "nll": list(edits.nll), "steps": list(edits.steps), "seconds": edits.seconds, "pid": os.getpid(),
         }
+
+    def calibrate(self, store: str, redis_url: str | None, memory: str, model: str, overrides: dict | None, table: bytes,
+                  requests: dict, stats_key: str | None = None) -> dict | None:
+        """The recalibrated router config for committing `table` (Arrow IPC bytes) into `memory`
+        (`cluster.commit.calibrated_router`); None unless the memory is calibrated."""
+        from cluster.commit import calibrated_router, open_store
+        from editing.stats import SecondMoment
+        from workers.common import ipc_to_table
+
+        ed = self.cache.editor(model, overrides)
+        st = open_store(store, redis_url)
+        try:
+            blob = st.get_artifact("stats", stats_key) if stats_key else None
+            stats = SecondMoment.from_bytes(blob[0]) if blob else None
+            return calibrated_router(ed, st, memory, ipc_to_table(table), requests, stats=stats)
+        finally:
+            st.close()

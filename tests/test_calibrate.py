@@ -1,0 +1,100 @@
+"""Calibrated gates: the threshold objective, on the real model, through a commit and `kvedit memory show`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from editing.calibrate import CalibrationConfig, calibrate, choose_threshold, fact_prompts, negative_keys, route_scores
+
+# Small samples keep the test fast; a 1% target over 2048 WikiText tokens allows 20 false gates.
+CONFIG = {"target_rate": 0.01, "negative_tokens": 2048}
+
+
+def test_threshold_objective_on_known_scores():
+    neg = torch.linspace(0.0, 0.5, 1000)  # 1000 negatives up to 0.5
+    pos = torch.tensor([0.7, 0.8, 0.9, float("-inf")])  # one positive routed to another edit
+    thr, objective = choose_threshold(pos, neg, target_rate=0.01, min_recall=0.5)
+    assert objective == "recall_at_rate"
+    assert float((neg > thr).float().mean()) <= 0.01
+    assert (pos > thr).sum() == 3 and thr < 0.7, thr  # every correctly routed positive fires
+    assert thr == pytest.approx((float(neg.sort(descending=True).values[10]) + 0.7) / 2)  # widest margin
+
+    overlap = torch.tensor([0.3, 0.35, 0.4, 0.45])  # inside the negatives: the rate target leaves no recall
+    thr, objective = choose_threshold(overlap, neg, target_rate=0.01, min_recall=0.5)
+    tpr, fpr = float((overlap > thr).float().mean()), float((neg > thr).float().mean())
+    best = max(0.5 * (float((overlap > c).float().mean()) + 1 - float((neg > c).float().mean())) for c in neg.tolist())
+    assert objective == "balanced_accuracy" and 0.5 * (tpr + 1 - fpr) == pytest.approx(best)
+
+
+@pytest.fixture(scope="module")
+def edits(smol, cf_valid):
+    """Real edits of four CounterFact records. Calibration reads only the keys, so the residuals
+    get two optimiser steps, to stay fast."""
+    from editing import EditConfig, Editor
+
+    ed = Editor(smol.model, smol.tok, EditConfig.for_model("smollm2-135m", values={"steps": 2}), model_name="smollm2-135m")
+    ed._templates = smol.templates
+    recs = cf_valid[:4]
+    return recs, ed.compute(recs)
+
+
+def test_threshold_separates_stored_keys_from_held_out_wikitext(smol, edits):
+    recs, computed = edits
+    cfg = CalibrationConfig(**CONFIG)
+    mem = smol.new_memory(router="cosine")
+    mem.add(computed.edit_ids, computed.keys, computed.residuals)
+    cal = calibrate(smol, mem, fact_prompts(computed.edit_ids, recs), cfg)
+    assert cal.objective == "recall_at_rate" and cal.false_gate_rate <= cfg.target_rate
+    assert cal.n_positive > len(recs)  # paraphrases containing the subject count as positives
+    best, self_score = route_scores(mem, computed.keys)
+    assert (self_score > cal.threshold).all() and best.tolist() == [mem.slots[e] for e in computed.edit_ids]
+    # A fresh WikiText slice (first half, far from the calibration sample): the rate holds within
+    # three binomial standard deviations of the target.
+    fresh = negative_keys(smol, tokens=2048, offset=smol.config.stats_tokens + 40_000)
+    _, fresh_score = route_scores(mem, fresh)
+    rate = float((fresh_score > cal.threshold).float().mean())
+    n = fresh.shape[0]
+    assert rate <= cfg.target_rate + 3 * math.sqrt(cfg.target_rate * (1 - cfg.target_rate) / n), (rate, cal)
+    # Deterministic under the seed, also when a sample of the edits is drawn.
+    sampled = CalibrationConfig(**CONFIG, max_edits=2, seed=3)
+    again = [calibrate(smol, mem, fact_prompts(computed.edit_ids, recs), sampled) for _ in range(2)]
+    assert again[0].threshold == again[1].threshold and again[0].n_edits == 2
+    assert calibrate(smol, smol.new_memory(router="cosine"), [], cfg) is None  # nothing stored, nothing to choose
+
+
+def test_commit_recalibrates_and_memory_show_reports_it(smol, edits, tmp_path):
+    from typer.testing import CliRunner
+
+    from cluster.commit import commit_edits, ensure_memory
+    from editing.table import MemoryMismatchError
+    from store import MemoryStore
+    from store.cli import memory_app
+
+    recs, computed = edits
+    root = str(tmp_path / "store")
+    st = MemoryStore(root)
+    try:
+        st.create("facts", smol.spec, {"name": "cosine", "threshold": 0.65, "calibrate": CONFIG})
+        first = commit_edits(smol, computed.table.slice(0, 2), "facts", root, None, "cosine", records=recs[:2])
+        second = commit_edits(smol, computed.table.slice(2), "facts", root, None, "cosine", records=recs[2:])
+        v1, v2 = st.info("facts", 1).router, st.info("facts", 2).router
+        with pytest.raises(MemoryMismatchError, match="calibrated"):
+            ensure_memory(st, "facts", smol.spec, "cosine", 0.7)  # a fixed threshold cannot be forced on it
+    finally:
+        st.close()
+    assert (first["version"], second["version"]) == (1, 2)
+    assert v1["calibrate"] == CONFIG and v1["threshold"] == first["threshold"] and v2["threshold"] == second["threshold"]
+    assert (v1["calibration"]["n_edits"], v2["calibration"]["n_edits"]) == (2, 4)
+    assert v2["calibration"]["false_gate_rate"] <= CONFIG["target_rate"]
+
+    res = CliRunner().invoke(memory_app, ["show", "facts", "--store", root, "--json"])
+    assert res.exit_code == 0, res.output
+    gate = json.loads(res.output)["gate"]
+    assert gate == {"threshold": v2["threshold"], "calibrated": True, **{k: v2["calibration"][k] for k in
+                    ("false_gate_rate", "recall", "target_rate", "objective")}}
+    res = CliRunner().invoke(memory_app, ["show", "facts", "--store", root])
+    assert "false-gate rate (est.)" in res.output and "calibrated" in res.output
