@@ -2,18 +2,22 @@
 
     GET  /health               200 once the model and memory are loaded (always open)
     GET  /metrics              Prometheus text (always open; serving.metrics)
-    GET  /v1/models
+    GET  /v1/models            the base name and BASE:MEMORY for each memory served
     POST /v1/completions       non-streaming; greedy when temperature == 0
     POST /v1/chat/completions  non-streaming; the tokenizer's chat template
+    GET|POST /admin/memory, DELETE /admin/memory/{name}   swap, add, remove memories (API key)
 
-With `api_key`, every endpoint but /health and /metrics needs `Authorization: Bearer KEY`.
-Bad requests get OpenAI-style `{"error": {...}}` bodies (400; 401 for auth; 404 for an
-unknown model).
+With `api_key`, every endpoint but /health and /metrics needs `Authorization: Bearer KEY`; the
+admin endpoints exist only with a key. Bad requests get OpenAI-style `{"error": {...}}` bodies
+(400; 401 for auth; 404 for an unknown model or memory; 409 for a memory of another model).
 
-The memory is followed by the same `serving.memory.MemoryFollower` as in vLLM workers. Here
-the watcher applies new versions itself under `routed.lock`, and each request holds that
-lock for its whole generation, so a request sees exactly one version, the one it reports.
-Requests are served one at a time (one model, one lock).
+A request chooses its memory with the model field `BASE:MEMORY` or the `x-kvedit-memory`
+header; the plain name gets the default memory (`serving.memory_set`). Each memory is followed
+by the same `serving.memory.MemoryFollower` as in vLLM workers; the watcher applies new
+versions itself under `routed.lock`. Requests are served one at a time: each holds the
+generation lock, attaches its memory's routed layer and holds that memory's `routed.lock` for
+its whole generation, so it sees exactly one memory and version, the ones it reports. Admin
+switches take the generation lock too, so they happen between two requests.
 """
 
 from __future__ import annotations
@@ -35,17 +39,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from editing.adapters import get_adapter
 from editing.models import load_model, resolve_model
-from editing.routed import attach
+from editing.routed import attach, detach
 from serving.fingerprint import served_fingerprint
-from serving.memory import MemoryFollower, ServedModel, build_routed, resolve_memory
+from serving.memory import ServedModel
+from serving.memory_set import ServedMemories, UnknownMemoryError, admin_error, follow
 from serving.metrics import ServingMetrics
 from serving.openai_api import (
+    AdminMemoryRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    MemoryChoiceError,
     ServedVersion,
     chat_response,
     completion_response,
     error_body,
+    model_entries,
+    requested_memory,
 )
 from serving.settings import MemoryRef, MemorySettings
 
@@ -77,50 +86,91 @@ class Generation:
 
 
 class HFBackend:
-    """A transformers model with its routed memory.
+    """A transformers model with the memories it serves.
 
-    The memory is checked against the model (fingerprint of the folder, layer, sizes) before
-    the weights are loaded, so a wrong memory fails fast.
+    Every start memory is checked against the model (fingerprint of the folder, layer, sizes)
+    and loaded before the weights are, so a wrong memory fails fast.
     """
 
     def __init__(self, model: str, settings: MemorySettings | None = None, device: str = "cpu"):
         self.name = model
         path = resolve_model(model)
-        resolved = None
-        if settings is not None and settings.memory is not None:
-            from transformers import AutoConfig
+        settings = settings or MemorySettings()
+        self.lock = threading.RLock()  # one generation (or one memory switch) at a time
+        from transformers import AutoConfig
 
-            cfg = AutoConfig.from_pretrained(path).get_text_config()
-            served = ServedModel(served_fingerprint(path), cfg.num_hidden_layers, cfg.intermediate_size, cfg.hidden_size)
-            resolved = resolve_memory(settings, served)
-        self.model, self.tok = load_model(model, device=device)
+        cfg = AutoConfig.from_pretrained(path).get_text_config()
+        served = ServedModel(served_fingerprint(path), cfg.num_hidden_layers, cfg.intermediate_size, cfg.hidden_size)
+        self.memories = ServedMemories(
+            served, settings, settings.layer, grace_s=0.0, switch_lock=self.lock,
+            open_memory=lambda resolved: (follow(resolved, settings, auto_apply=True, device=device), None))
+        try:
+            self.memories.start_all()
+            self.model, self.tok = load_model(model, device=device)
+        except BaseException:
+            self.memories.close()
+            raise
         self.adapter = get_adapter(self.model)
-        self.follower: MemoryFollower | None = None
-        self.lock: threading.RLock = threading.RLock()
-        if resolved is not None:
-            routed = build_routed(resolved, capacity=settings.capacity, device=device)
-            attach(self.model, self.adapter, resolved.spec.layer, routed)
-            self.follower = MemoryFollower(resolved, routed, poll_seconds=settings.poll_seconds, auto_apply=True)
-            self.follower.load()
-            self.follower.start()
-            self.lock = routed.lock  # held by each generation; the watcher applies under it
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.device = device
 
     def close(self) -> None:
-        if self.follower is not None:
-            self.follower.close()
+        self.memories.close()
+
+    @property
+    def follower(self):
+        """The default memory's follower (None without one)."""
+        m = self.memories.choose(None)
+        return None if m is None else m.follower
 
     def served(self) -> ServedVersion | None:
-        """The version in force (call under `self.lock` to keep it for a whole request)."""
-        if self.follower is None:
-            return None
-        return ServedVersion(self.follower.name, self.follower.routed.version)
+        """The default memory and its version (None: the plain name gets the base model)."""
+        m = self.memories.choose(None)
+        return None if m is None else ServedVersion(m.name, m.routed.version)
 
-    def status(self, drain: bool = False) -> dict | None:
-        return None if self.follower is None else self.follower.status(drain=drain)
+    def describe(self, drain: bool = False) -> dict:
+        return self.memories.describe(drain=drain)
+
+    @contextlib.contextmanager
+    def serving(self, memory: str | None):
+        """Hold the model for one request routed through `memory` (None: the default; "": none).
+
+        Yields the ServedVersion to report. Raises ApiError 404 for a memory not served here.
+        """
+        with self.lock:
+            try:
+                chosen = self.memories.choose(memory)
+            except UnknownMemoryError as exc:
+                raise ApiError(404, str(exc), "NotFoundError", param="model", code="model_not_found") from exc
+            layer = self.memories.layer
+            if chosen is None:
+                if layer is not None:
+                    detach(self.model, self.adapter, layer)
+                yield ServedVersion.base()
+                return
+            with chosen.routed.lock:  # the watcher applies versions under it: none during this request
+                attach(self.model, self.adapter, layer, chosen.routed)
+                yield ServedVersion(chosen.name, chosen.routed.version)
+
+    def admin(self, req: AdminMemoryRequest) -> dict:
+        """Swap to or add a memory (checked and loaded first; switched between two requests)."""
+        ref = MemoryRef.parse(req.memory)
+        if req.action == "add":
+            self.memories.add(ref)
+            return self._collected()
+        previous = self.memories.swap(ref, keep_previous=req.keep_previous)["previous"]
+        return {**self._collected(), "previous": previous}
+
+    def remove(self, name: str) -> dict:
+        self.memories.remove(name)
+        return self._collected()
+
+    def _collected(self) -> dict:
+        """Unload retired memories now (no request can hold one: switches wait for the generation lock)."""
+        self.memories.collect()
+        return self.describe()
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         return self.tok(text, add_special_tokens=special)["input_ids"]
@@ -217,39 +267,70 @@ def create_app(model: str, settings: MemorySettings | None = None, api_key: str 
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
             raise ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
 
-    def check_model(requested: str) -> None:
-        if requested != name:
-            raise ApiError(404, f"the model `{requested}` does not exist; this server serves `{name}`",
-                           "NotFoundError", param="model", code="model_not_found")
+    def check_admin(authorization: str | None = Header(default=None)) -> None:
+        if api_key is None:
+            raise ApiError(403, "the admin endpoints are disabled: start the server with --api-key", code="admin_disabled")
+        check_key(authorization)
 
-    def check_common(req) -> None:
-        check_model(req.model)
+    def check_common(req, header: str | None) -> str | None:
+        """The memory the request chose (see `requested_memory`)."""
         if req.stream:
             raise ApiError(400, "streaming is not supported by the hf backend", param="stream")
+        try:
+            return requested_memory(req.model, name, header)
+        except MemoryChoiceError as exc:
+            if exc.status == 404:
+                raise ApiError(404, str(exc), "NotFoundError", param="model", code="model_not_found") from exc
+            raise ApiError(exc.status, str(exc), param="model") from exc
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": name, **({"memory": backend.served().body()} if backend.follower else {})}
+        described = backend.describe()
+        default = backend.served()
+        return {"status": "ok", "model": name, **({"memory": default.body()} if default else {}),
+                "default_memory": described["default"],
+                "memories": [_brief(m, described["default"]) for m in described["memories"]]}
 
     @app.get("/metrics")
     def prometheus():
-        metrics.observe_memory(backend.status(drain=True))
+        metrics.observe_memories(backend.describe(drain=True))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "kvedit"}]}
+        return {"object": "list", "data": model_entries(name, sorted(backend.memories.loaded))}
+
+    def admin_call(fn, *args) -> JSONResponse:
+        try:
+            return JSONResponse(fn(*args))
+        except Exception as exc:
+            failure = admin_error(exc)
+            if failure is None:
+                raise
+            status, kind, message = failure
+            raise ApiError(status, message, kind, param="memory") from exc
+
+    @app.get("/admin/memory", dependencies=[Depends(check_admin)])
+    def admin_list():
+        return backend.describe()
+
+    @app.post("/admin/memory", dependencies=[Depends(check_admin)])
+    def admin_memory(req: AdminMemoryRequest):
+        return admin_call(backend.admin, req)
+
+    @app.delete("/admin/memory/{memory}", dependencies=[Depends(check_admin)])
+    def admin_remove(memory: str):
+        return admin_call(backend.remove, memory)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    def completions(req: CompletionRequest, request: Request):
-        check_common(req)
+    def completions(req: CompletionRequest, request: Request, x_kvedit_memory: str | None = Header(default=None)):
+        memory = check_common(req, x_kvedit_memory)
         if req.logprobs is not None:
             raise ApiError(400, "logprobs are not supported by the hf backend", param="logprobs")
         prompts = _prompts(req, backend)
         max_tokens = req.max_tokens or 16
         choices, n_in, n_out = [], 0, 0
-        with backend.lock:
-            served = backend.served()
+        with backend.serving(memory) as served:
             for i, ids in enumerate(prompts):
                 g = backend.generate(ids, max_tokens, req.temperature, req.top_p, req.seed, req.stops())
                 text = (backend.tok.decode(ids) + g.text) if req.echo else g.text
@@ -257,12 +338,11 @@ def create_app(model: str, settings: MemorySettings | None = None, api_key: str 
                 n_in, n_out = n_in + len(ids), n_out + len(g.tokens)
         usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
         request.state.usage = usage
-        return JSONResponse(completion_response(name, choices, usage, served),
-                            headers=served.headers() if served else None)
+        return JSONResponse(completion_response(req.model, choices, usage, served), headers=served.headers())
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    def chat(req: ChatCompletionRequest, request: Request):
-        check_common(req)
+    def chat(req: ChatCompletionRequest, request: Request, x_kvedit_memory: str | None = Header(default=None)):
+        memory = check_common(req, x_kvedit_memory)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             text = backend.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -270,16 +350,21 @@ def create_app(model: str, settings: MemorySettings | None = None, api_key: str 
             raise ApiError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
         ids = backend.encode(text, special=False)
         max_tokens = req.max_completion_tokens or req.max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, backend.max_len - len(ids))
-        with backend.lock:
-            served = backend.served()
+        with backend.serving(memory) as served:
             g = backend.generate(ids, max(1, max_tokens), req.temperature, req.top_p, req.seed, req.stops())
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(g.tokens), "total_tokens": len(ids) + len(g.tokens)}
         request.state.usage = usage
         choice = {"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
                   "finish_reason": g.finish_reason}
-        return JSONResponse(chat_response(name, [choice], usage, served), headers=served.headers() if served else None)
+        return JSONResponse(chat_response(req.model, [choice], usage, served), headers=served.headers())
 
     return app
+
+
+def _brief(status: dict, default: str | None) -> dict:
+    """A memory's line in /health."""
+    return {"memory": status["memory"], "version": status["version"], "facts": status["facts"],
+            "pinned": status["pinned"], "default": status["memory"] == default, "retired": status["retired"]}
 
 
 def run(model: str, settings: MemorySettings | None, host: str = "127.0.0.1", port: int = 8000,
@@ -295,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m serving.hf_server --model M [--memory NAME[@V]] ...` (also `kvedit serve --backend hf`)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--memory", default=None)
+    p.add_argument("--memory", action="append", default=None,
+                   help="NAME[@VERSION]; repeat for several memories (then the plain model name is the base model)")
     p.add_argument("--store", default=None)
     p.add_argument("--redis-url", default=None)
     p.add_argument("--layer", type=int, default=None)
@@ -304,12 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key", default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    env = MemorySettings.from_env()
-    settings = MemorySettings(
-        memory=MemoryRef.parse(a.memory) if a.memory else env.memory, store=a.store or env.store,
-        redis_url=a.redis_url or env.redis_url, layer=a.layer if a.layer is not None else env.layer,
-        capacity=env.capacity, poll_seconds=env.poll_seconds,
-    )
+    from serving.cli import memory_settings
+
+    settings = memory_settings(a.memory, a.store, a.redis_url, a.layer)
     run(a.model, settings, a.host, a.port, a.api_key)
 
 

@@ -284,6 +284,8 @@ class MemoryFollower:
         self.watch = watch and not resolved.pinned
         self.router_name = (resolved.info.router or {}).get("name") or "cosine"
         self._pending: list[StagedUpdate] = []
+        self._basis: torch.Tensor | None = None  # prefilter basis fitted by the watcher, set at the next boundary
+        self.basis_pending = False  # a basis is being fitted or waits for the boundary
         self._stage_lock = threading.Lock()
         self._staged_version: int | None = None
         self._latencies: collections.deque[float] = collections.deque(maxlen=1024)
@@ -342,6 +344,7 @@ class MemoryFollower:
                     len(update.added_ids), len(update.deleted_ids))
         if self.auto_apply:
             self.apply_pending()
+        self._fit_basis(update)
 
     def take_pending(self) -> list[StagedUpdate]:
         """Remove and return the staged versions, oldest first."""
@@ -357,12 +360,20 @@ class MemoryFollower:
 
     def apply_pending(self) -> bool:
         updates = self.take_pending()
-        return self.apply(updates) if updates else False
+        changed = self.apply(updates) if updates else False
+        if self._basis is not None:
+            with self._stage_lock:
+                basis, self._basis = self._basis, None
+            self.routed.set_basis(basis)  # re-projects every row: once, when the memory first grows large
+            self.basis_pending = False
+            logger.info("memory %r: prefilter basis set (%d facts)", self.name, self.routed.n_facts)
+        return changed
 
     def apply(self, updates: list[StagedUpdate], measure: bool = True) -> bool:
         """Apply versions in order under `routed.lock` (one atomic change for the forward)."""
         r = self.routed
         applied: list[StagedUpdate] = []
+        t0 = time.time()
         with r.lock:
             for u in updates:
                 if u.version <= (r.version if r.version is not None else -1) and u.base_version is not None:
@@ -386,7 +397,9 @@ class MemoryFollower:
         for u in applied:
             if measure and u.committed_at is not None:
                 self._latencies.append(max(0.0, now - u.committed_at))
-            logger.info("memory %r v%d applied (%d facts)", self.name, u.version, r.n_facts)
+            logger.info("memory %r v%d applied (%d facts; staged %.3fs after the commit, waited %.3fs for the "
+                        "boundary, applied in %.3fs)", self.name, u.version, r.n_facts,
+                        u.staged_at - (u.committed_at or u.staged_at), t0 - u.staged_at, now - t0)
         return bool(applied)
 
     def _refusal(self, u: StagedUpdate) -> str | None:
@@ -446,6 +459,35 @@ class MemoryFollower:
             return False
         self.stage(update, replace=update.base_version is None)
         return True
+
+    def _fit_basis(self, update: StagedUpdate) -> None:
+        """Fit the prefilter basis off the step path when deltas grew the memory past the prefilter size.
+
+        `load()` fits it for a memory that starts large; one that grows through deltas would
+        otherwise score every row exactly forever. The fit (an eigendecomposition, seconds on
+        CPU) runs here in the watcher, on a scratch RoutedFFN over the version's keys; the next
+        step boundary only sets it. Not under tensor parallelism (ranks would have to agree)
+        nor with fixed buffers (a compiled graph has `use_prefilter` baked in).
+        """
+        r = self.routed
+        if (self.shard is not None or self.fixed_capacity or not r.prefilter_dim or r.has_basis
+                or self._basis is not None or update.n_rows < r.prefilter_min_rows):
+            return
+        self.basis_pending = True
+        t0 = time.perf_counter()
+        try:
+            keys = update.keys if update.base_version is None else self._snapshot(update.version).keys
+            scratch = RoutedFFN(r.router, r.d_key, r.d_model, capacity=1, prefilter_dim=r.prefilter_dim)
+            scratch.fit_basis(keys)
+        except BaseException:
+            self.basis_pending = False  # tried again with the next version
+            raise
+        with self._stage_lock:
+            self._basis = scratch.basis
+        logger.info("memory %r: prefilter basis fitted on v%d's %d keys in %.1fs", self.name, update.version,
+                    keys.shape[0], time.perf_counter() - t0)
+        if self.auto_apply:
+            self.apply_pending()
 
     def _run(self) -> None:
         sub = None
@@ -512,6 +554,8 @@ class MemoryFollower:
             "pinned": self.pinned,
             "facts": r.n_facts,
             "capacity": r.capacity,
+            "prefilter": r.use_prefilter,
+            "prefilter_pending": self.basis_pending,
             "layer": self.spec.layer,
             "hits": int(r.hits),
             "tokens": int(r.tokens),

@@ -10,6 +10,7 @@
     kvedit_memory_version{memory}                  version served
     kvedit_memory_follow_errors{memory}            versions that could not be followed
     kvedit_memory_reload_seconds{memory}           commit time (Redis message) -> applied
+    kvedit_memory_served{memory,default}           1 per memory a multi-memory replica serves
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class ServingMetrics:
                                    registry=registry)
         self.reload = Histogram("kvedit_memory_reload_seconds", "Commit (Redis message time) to applied",
                                 ["memory"], buckets=_RELOAD_BUCKETS, registry=registry)
+        self.served = Gauge("kvedit_memory_served", "Memories this replica serves (1 each; default=true for the "
+                            "one the plain model name gets)", ["memory", "default"], registry=registry)
+        self._served_labels: set[tuple[str, str]] = set()
 
     @classmethod
     def shared(cls, registry: CollectorRegistry = REGISTRY) -> "ServingMetrics":
@@ -70,14 +74,42 @@ class ServingMetrics:
         """Update memory gauges from `MemoryFollower.status(drain=True)` (drained latencies observed once)."""
         if not status:
             return
+        self._observe_one(status)
+        self._observe_hits(int(status.get("hits", 0)), int(status.get("tokens", 0)))
+
+    def _observe_one(self, status: dict) -> None:
         name = str(status.get("memory"))
         if status.get("version") is not None:
             self.version.labels(name).set(status["version"])
         self.facts.labels(name).set(status.get("facts", 0))
         self.follow_errors.labels(name).set(status.get("errors", 0))
-        hits, tokens = int(status.get("hits", 0)), int(status.get("tokens", 0))
+        for seconds in status.get("reload_seconds") or ():
+            self.reload.labels(name).observe(seconds)
+
+    def _observe_hits(self, hits: int, tokens: int) -> None:
         self.hit_tokens.set(hits)
         self.routed_tokens.set(tokens)
         self.hit_ratio.set(hits / tokens if tokens else 0.0)
-        for seconds in status.get("reload_seconds") or ():
-            self.reload.labels(name).observe(seconds)
+
+    def observe_memories(self, described: dict | None) -> None:
+        """Update from a multi-memory replica's `{"default", "memories": [status, ...]}` (drained latencies).
+
+        Per-memory gauges as `observe_memory`; the router counters summed over memories; a memory
+        no longer served leaves `kvedit_memory_served` (its other series keep their last value).
+        """
+        if not described:
+            return
+        hits = tokens = 0
+        labels: set[tuple[str, str]] = set()
+        for status in described.get("memories") or ():
+            self._observe_one(status)
+            hits, tokens = hits + int(status.get("hits", 0)), tokens + int(status.get("tokens", 0))
+            if not status.get("retired"):
+                labels.add((str(status.get("memory")), str(status.get("memory") == described.get("default")).lower()))
+        self._observe_hits(hits, tokens)
+        with _shared_lock:
+            for gone in self._served_labels - labels:
+                self.served.remove(*gone)
+            for label in labels:
+                self.served.labels(*label).set(1)
+            self._served_labels = labels

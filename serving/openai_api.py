@@ -5,6 +5,8 @@
 - Request models for /v1/completions and /v1/chat/completions (HF backend; extra fields
   are accepted and ignored, as OpenAI-compatible servers do).
 - OpenAI-style error bodies: `{"error": {"message", "type", "param", "code"}}`.
+- Choosing a memory per request: the `model` field `BASE:MEMORY` or the request header
+  `x-kvedit-memory: MEMORY` (`requested_memory`); the admin request body (`AdminMemoryRequest`).
 """
 
 from __future__ import annotations
@@ -48,8 +50,14 @@ class ServedVersion:
         last = end.get("version")
         return cls(end.get("memory"), last, first if first != last else None)
 
+    @classmethod
+    def base(cls) -> "ServedVersion":
+        """A request a memory replica served with the base model (it chose no memory)."""
+        return cls(None, None)
+
     def headers(self) -> dict[str, str]:
-        out = {HEADER_MEMORY: str(self.memory or ""), HEADER_VERSION: UNKNOWN if self.unknown else str(self.version)}
+        version = UNKNOWN if self.unknown else "" if self.version is None else str(self.version)
+        out = {HEADER_MEMORY: str(self.memory or ""), HEADER_VERSION: version}
         if self.first_version is not None:
             out[HEADER_FIRST_VERSION] = str(self.first_version)
         return out
@@ -67,6 +75,57 @@ def cache_salt(memory: str, version: int) -> str:
     if len(salt) > 128 or _SALT_FORBIDDEN & set(salt):
         salt = "kvedit-" + hashlib.sha256(f"{memory}\x00{version}".encode()).hexdigest()[:40] + f"-v{version}"
     return salt
+
+
+class MemoryChoiceError(ValueError):
+    """A request whose model field and memory header disagree, or name another model."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def requested_memory(model: str, served_name: str, header: str | None = None) -> str | None:
+    """The memory a request chose: `BASE:MEMORY` in `model`, or the `x-kvedit-memory` header.
+
+    None: the plain base name without a header (the replica's default memory, if it has one).
+    Raises MemoryChoiceError (404) for another model, (400) when model field and header disagree.
+    """
+    if model == served_name:
+        chosen = None
+    elif model.startswith(served_name + ":") and len(model) > len(served_name) + 1:
+        chosen = model[len(served_name) + 1:]
+    else:
+        raise MemoryChoiceError(f"the model `{model}` does not exist; this server serves `{served_name}` "
+                                f"and `{served_name}:MEMORY` for each memory it serves (GET /v1/models)", 404)
+    header = header.strip() if header is not None else None
+    if header:
+        if chosen is not None and chosen != header:
+            raise MemoryChoiceError(f"the model field chooses memory {chosen!r} but the {HEADER_MEMORY} header "
+                                    f"chooses {header!r}")
+        chosen = header
+    return chosen
+
+
+def model_entries(served_name: str, memories: list[str]) -> list[dict]:
+    """/v1/models entries: the base name, then `BASE:MEMORY` for each memory."""
+    return [{"id": served_name, "object": "model", "created": 0, "owned_by": "kvedit"}] + [
+        {"id": f"{served_name}:{m}", "object": "model", "created": 0, "owned_by": "kvedit", "root": served_name}
+        for m in memories]
+
+
+class AdminMemoryRequest(BaseModel):
+    """POST /admin/memory: serve `memory` (NAME or NAME@VERSION).
+
+    action "swap": it becomes the default memory (what the plain model name gets) and the
+    previous default retires unless `keep_previous`; "add": loaded beside the others.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory: str = Field(min_length=1)
+    action: Literal["swap", "add"] = "swap"
+    keep_previous: bool = False
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -4,7 +4,10 @@ vLLM starts its engine core and workers as separate processes, so settings trave
 environment variables (every vLLM process inherits them); the HF backend builds the
 same `MemorySettings` from its arguments.
 
-    KVEDIT_MEMORY        name[@version]  memory to serve; @version pins it (no reloads)
+    KVEDIT_MEMORY        name[@version]  memory to serve; @version pins it (no reloads). With
+                         KVEDIT_MEMORIES: the default memory (what the plain model name gets)
+    KVEDIT_MEMORIES      comma-separated name[@version] list: several memories, chosen per request
+                         (set, even empty, to run the multi-memory replica: docs/adr/0007-multi-memory.md)
     KVEDIT_STORE         store URI (default: the store's own default, $KVEDIT_STORE or ~/.cache/kvedit/store)
     KVEDIT_REDIS_URL     Redis of the store (default: the store's embedded server)
     KVEDIT_LAYER         edit layer; must equal the memory's layer (default: the memory's)
@@ -24,6 +27,7 @@ from typing import Mapping
 from serving.errors import ServingConfigError
 
 ENV_MEMORY = "KVEDIT_MEMORY"
+ENV_MEMORIES = "KVEDIT_MEMORIES"
 ENV_STORE = "KVEDIT_STORE"
 ENV_REDIS_URL = "KVEDIT_REDIS_URL"
 ENV_LAYER = "KVEDIT_LAYER"
@@ -77,9 +81,23 @@ class MemorySettings:
     capacity: int | None = None
     poll_seconds: float = 2.0
 
+    memories: tuple[MemoryRef, ...] | None = None  # None: the single-memory replica of KVEDIT_MEMORY
+
     @property
     def pinned(self) -> bool:
         return self.memory is not None and self.memory.version is not None
+
+    @property
+    def multi(self) -> bool:
+        """Several memories chosen per request (KVEDIT_MEMORIES set); `memory` is then the default."""
+        return self.memories is not None
+
+    def start_memories(self) -> list[MemoryRef]:
+        """Every memory loaded at start, the default first (multi-memory replicas)."""
+        refs = list(self.memories or ())
+        if self.memory is not None and self.memory.name not in [r.name for r in refs]:
+            refs.insert(0, self.memory)
+        return refs
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "MemorySettings":
@@ -99,6 +117,7 @@ class MemorySettings:
             layer=_int(env, ENV_LAYER, 0),
             capacity=_int(env, ENV_CAPACITY, 1),
             poll_seconds=poll,
+            memories=parse_memory_list(env[ENV_MEMORIES]) if ENV_MEMORIES in env else None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -115,4 +134,16 @@ class MemorySettings:
         if self.capacity is not None:
             out[ENV_CAPACITY] = str(self.capacity)
         out[ENV_POLL_SECONDS] = repr(self.poll_seconds)
+        if self.memories is not None:
+            out[ENV_MEMORIES] = ",".join(str(r) for r in self.memories)
         return out
+
+
+def parse_memory_list(text: str) -> tuple[MemoryRef, ...]:
+    """"a,b@3" -> (MemoryRef("a"), MemoryRef("b", 3)); "" -> (). A name may appear once."""
+    refs = tuple(MemoryRef.parse(part) for part in text.split(",") if part.strip())
+    names = [r.name for r in refs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ServingConfigError(f"{ENV_MEMORIES}: memory {dup[0]!r} is listed more than once")
+    return refs

@@ -155,12 +155,20 @@ class _Exchange:
             return
         await self._finish()
 
+    async def status_after(self) -> dict | None:
+        """The memory status once the response is complete (subclasses ask about their memory)."""
+        return await self.mw.rpc(self.scope, "kvedit_status")
+
+    def annotate(self, data: dict, served: ServedVersion) -> None:
+        """Add the served memory to a JSON response body."""
+        data["kvedit"] = served.body()
+
     async def _finish(self) -> None:
         body = b"".join(self.chunks)
         after = None
         if not self.failed and self.before is not None:
             try:
-                after = await self.mw.rpc(self.scope, "kvedit_status")
+                after = await self.status_after()
             except Exception as exc:
                 logger.warning("kvedit: memory status after the request failed: %s", exc)
         served = self._served(after)
@@ -172,7 +180,7 @@ class _Exchange:
         if isinstance(data, dict):
             usage = data.get("usage")
             if served is not None:
-                data["kvedit"] = served.body()
+                self.annotate(data, served)
                 body = json.dumps(data).encode()
         start = dict(self.start)
         headers = self._headers(start, served) if served is not None else list(start.get("headers", []))

@@ -101,12 +101,20 @@ class _TensorParallelSync:
 
 
 class WorkerMemory:
-    """One worker's memory: the follower plus, under TP, agreement on what to apply."""
+    """One worker's memory: the follower plus, under TP, agreement on what to apply.
 
-    def __init__(self, follower: MemoryFollower, tp: _TensorParallelSync | None):
+    `layer` is the decoder layer whose `mlp` is `routed_mlp`; `stock_mlp` is the MLP it
+    wraps (kept, unregistered, so routing can be switched off for A/B measurements).
+    """
+
+    def __init__(self, follower: MemoryFollower, tp: _TensorParallelSync | None, layer: nn.Module | None = None,
+                 stock_mlp: nn.Module | None = None):
         self.follower = follower
         self.tp = tp
         self.started = False
+        self.layer = layer
+        self.routed_mlp = None if layer is None else layer.mlp
+        self.stock_mlp = stock_mlp
 
     def start(self) -> None:
         """Load the start version (rank 0's choice under TP) and start following."""
@@ -131,7 +139,26 @@ class WorkerMemory:
             self.follower.apply(updates)
 
     def status(self, drain: bool = False) -> dict:
-        return self.follower.status(drain=drain)
+        status = self.follower.status(drain=drain)
+        status["routing"] = self.routing
+        return status
+
+    @property
+    def routing(self) -> bool:
+        return self.layer is None or self.layer.mlp is self.routed_mlp
+
+    def set_routing(self, on: bool) -> bool:
+        """Route the edit layer through the memory (True) or run the stock MLP (False); between steps only.
+
+        For measuring what routing costs on the same engine (`kvedit bench serve-overhead`).
+        Eager mode only: a compiled graph has the module it traced baked in.
+        """
+        if self.layer is None or self.stock_mlp is None:
+            raise ServingConfigError("this worker has no routed layer to switch")
+        if self.follower.fixed_capacity:
+            raise ServingConfigError("routing can only be switched in eager mode (--enforce-eager)")
+        self.layer.mlp = self.routed_mlp if on else self.stock_mlp
+        return self.routing
 
 
 def _check_prefix_cache(vllm_config: VllmConfig, settings: MemorySettings) -> None:
@@ -156,6 +183,11 @@ class KveditModelMixin:
     def _kvedit_init(self, vllm_config: VllmConfig) -> None:
         self.kvedit = None
         settings = MemorySettings.from_env()
+        if settings.multi:  # several memories, chosen per request (issue 8): serving/vllm_multi.py
+            from serving.vllm_multi import attach_memories
+
+            self.kvedit = attach_memories(self, vllm_config, settings)
+            return
         if settings.memory is None:
             logger.warning("KVEDIT_MEMORY is not set: serving %s without a memory", type(self).__name__)
             return
@@ -199,7 +231,7 @@ class KveditModelMixin:
         layer.mlp = RoutedMLP(mlp, routed)
         follower = MemoryFollower(resolved, routed, poll_seconds=settings.poll_seconds, shard=shard,
                                   fixed_capacity=fixed, watch=rank == 0)
-        self.kvedit = WorkerMemory(follower, _TensorParallelSync() if tp > 1 else None)
+        self.kvedit = WorkerMemory(follower, _TensorParallelSync() if tp > 1 else None, layer, mlp)
         logger.info("routing layer %d through memory %r (from v%d, capacity %d%s)", resolved.spec.layer,
                     resolved.name, resolved.info.version, routed.capacity, ", fixed" if fixed else "")
 

@@ -26,6 +26,9 @@ ROUTED_ARCHITECTURES: dict[str, str] = {
 MODELS_MODULE = "serving.vllm_models"
 WORKER_EXTENSION = "serving.vllm_worker.KveditWorkerExtension"
 MIDDLEWARE = "serving.vllm_middleware.KveditMiddleware"
+# Multi-memory replicas (KVEDIT_MEMORIES; what `kvedit serve` starts): supersets of the two above.
+MULTI_WORKER_EXTENSION = "serving.vllm_multi.KveditMultiWorkerExtension"
+MULTI_MIDDLEWARE = "serving.vllm_multi_middleware.KveditMultiMiddleware"
 
 
 def routed_architecture(model_dir: str | Path) -> str:

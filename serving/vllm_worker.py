@@ -34,3 +34,16 @@ class KveditWorkerExtension:
         """The status without applying anything (reload latencies kept for the next sync)."""
         memory = self._kvedit_memory()
         return None if memory is None else memory.status(drain=False)
+
+    def kvedit_set_routing(self, on: bool) -> dict | None:
+        """Route the edit layer (True) or run the stock MLP (False), between steps; returns the status.
+
+        A diagnostic for measuring routing's cost on one engine (eager mode only); the memory
+        keeps following new versions either way.
+        """
+        memory = self._kvedit_memory()
+        if memory is None:
+            return None
+        memory.boundary()
+        memory.set_routing(bool(on))
+        return memory.status(drain=False)

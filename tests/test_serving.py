@@ -12,16 +12,18 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the (postponed) annotations here
 
+from benchmarks.serve_bench import VllmServer, free_port
 from editing.table import MemoryMismatchError, MemorySpec
 from serving.cli import memory_settings, serve, vllm_command
 from serving.fingerprint import served_fingerprint
@@ -105,51 +107,9 @@ def edits(spec):
     return records, computed.table
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class VllmServer:
-    """The OpenAI server as `kvedit serve` launches it, in its own process group."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path, port: int):
-        self.log = log
-        self.url = f"http://127.0.0.1:{port}"
-        self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(argv, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.ready_after: float | None = None
-
-    def wait_ready(self, timeout: float = 420) -> None:
-        if self.ready_after is not None:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited ({self.proc.returncode}):\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    self.ready_after = time.monotonic() - self.t0
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"vLLM server not ready after {timeout}s:\n{self.log.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def vllm_server(store_root, memory, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     settings = memory_settings(MEMORY, str(store_root), embedded_url(store_root))
     argv, env = vllm_command(MODEL, settings, port=port, api_key=KEY)
     env["KVEDIT_POLL_SECONDS"] = "0.5"
@@ -268,6 +228,41 @@ def test_follower_stages_versions_until_the_step_boundary(tmp_path):
             resolve_memory(settings, ServedModel("fp-other", 4, 16, 8))
         with pytest.raises(MemoryMismatchError, match="layer 2.*layer 3"):
             resolve_memory(dataclasses.replace(settings, layer=3), served)
+    finally:
+        s.close()
+        stop_embedded_redis(root)
+
+
+def test_follower_fits_the_prefilter_when_deltas_grow_the_memory(tmp_path):
+    """A memory that grows past the prefilter size through deltas gets the basis a restarted replica would have:
+    fitted by the watcher, set only at a step boundary."""
+    spec = MemorySpec("fp-unit", 2, 96, 8)
+    root = tmp_path / "s"
+    s = MemoryStore(root)
+    try:
+        s.create("m", spec, {"name": "cosine"})
+        s.commit("m", synthetic_rows(spec, [f"a{i}" for i in range(10)]))
+        settings = MemorySettings(MemoryRef("m"), store=str(root), redis_url=embedded_url(root), poll_seconds=0.2)
+        resolved = resolve_memory(settings, ServedModel("fp-unit", 4, 96, 8))
+        routed = build_routed(resolved)
+        routed.prefilter_min_rows = 48  # the production default (4096 rows) made small
+        f = MemoryFollower(resolved, routed, poll_seconds=0.2)
+        f.load()
+        f.start()
+        assert not routed.has_basis and not f.status()["prefilter"]
+        v = s.commit("m", synthetic_rows(spec, [f"b{i}" for i in range(60)], seed=1)).version
+        deadline = time.monotonic() + 10
+        while f._basis is None:
+            assert time.monotonic() < deadline, "the watcher never fitted a basis"
+            time.sleep(0.02)
+        assert routed.version == 1 and not routed.has_basis, "nothing changes before the step boundary"
+        f.step_boundary()
+        assert routed.version == v and routed.n_facts == 70 and f.status()["prefilter"]
+        basis = routed.basis
+        assert torch.allclose(basis.T @ basis, torch.eye(routed.prefilter_dim), atol=1e-4)
+        live = torch.isfinite(routed.bias)
+        assert torch.allclose(routed.low[live], routed.rows[live] @ basis, atol=1e-5)
+        f.close()
     finally:
         s.close()
         stop_embedded_redis(root)
@@ -442,6 +437,95 @@ def test_api_key_health_and_metrics(vllm, hf):
     assert r.status_code == 200 and r.json()["kvedit"] == {"memory": MEMORY, "version": 3}
 
 
+def _burst(client, prompt_list: list[str], threads: int, stop: threading.Event) -> tuple[list, list[threading.Thread]]:
+    """Threads sending completions back to back until `stop`; each appends (thread, prompt, text, version, first)."""
+    seen: list[tuple[int, str, str, int, int | None]] = []
+
+    def loop(i: int) -> None:
+        k = i
+        while not stop.is_set():
+            p = prompt_list[k % len(prompt_list)]
+            k += 1
+            try:
+                seen.append((i, p, *complete(client, p, max_tokens=FOLLOW_TOKENS)))
+            except BaseException as exc:  # surfaced by the test
+                seen.append((i, p, repr(exc), -1, None))
+                return
+
+    workers = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    return seen, workers
+
+
+@pytest.mark.vllm
+def test_reload_under_load_every_answer_matches_its_version(store, vllm, hf, edits):
+    """Concurrent requests to both replicas while the edit A is added and deleted again and again: every
+    response reports a committed version, and (unless a version was applied mid-request) answers exactly
+    as that version does."""
+    records, table = edits
+    a = records[0]
+    a_row, a_id = table.slice(0, 1), table.column("edit_id")[0].as_py()
+    asked = prompts(edits)
+    start = store.info(MEMORY).version
+    has_a = {start: a_id in store.read(MEMORY).column("edit_id").to_pylist()}
+    assert not has_a[start], "the story so far ends with A deleted"
+
+    def toggle() -> int:
+        v = (store.delete(MEMORY, edit_ids=[a_id]) if has_a[max(has_a)] else store.commit(MEMORY, a_row)).version
+        has_a[v] = not has_a[max(has_a)]
+        return v
+
+    # Expected answers of both states, asked one at a time (the replicas agree: test_vllm_and_hf_agree_*).
+    expect = {False: {p: complete(vllm, p, max_tokens=FOLLOW_TOKENS)[0] for p in asked}}
+    v = toggle()
+    _until_answer(vllm, a.prompt, lambda t: a.target_new in t, v, start)
+    expect[True] = {p: complete(vllm, p, max_tokens=FOLLOW_TOKENS)[0] for p in asked}
+    assert a.target_new in expect[True][a.prompt] and a.target_new not in expect[False][a.prompt]
+    assert all(expect[True][p] == expect[False][p] for p in asked if p != a.prompt)
+
+    t0 = time.monotonic()
+    stop = threading.Event()
+    v_seen, v_threads = _burst(vllm, asked, 4, stop)
+    h_seen, h_threads = _burst(hf, asked, 2, stop)
+    try:
+        for _ in range(5):  # -A, +A, -A, +A, -A while requests flow; ends with A deleted, as the next tests expect
+            v = toggle()
+            deadline = time.monotonic() + 10
+            # the next version once vLLM has answered a whole request under this one (requests overlap it)
+            while not any(ver == v and first is None for _, _, _, ver, first in v_seen):
+                assert time.monotonic() < deadline, f"vLLM never answered a whole request under v{v}"
+                time.sleep(0.02)
+        assert not has_a[v]
+        wait_for_version(hf, v)
+        deadline = time.monotonic() + 10
+        while not any(ver == v for _, _, _, ver, _ in h_seen):
+            assert time.monotonic() < deadline, "HF never answered with the last version"
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for w in v_threads + h_threads:
+            w.join(60)
+    for name, seen in (("vllm", v_seen), ("hf", h_seen)):
+        errors = [text for _, _, text, ver, _ in seen if ver == -1]
+        assert not errors, f"{name}: {errors[:3]}"
+        last_by_thread: dict[int, int] = {}
+        clean = set()
+        for thread, p, text, ver, first in seen:
+            assert ver in has_a, f"{name}: v{ver} was never committed"
+            assert ver >= last_by_thread.get(thread, start), f"{name}: a replica went back to v{ver}"
+            last_by_thread[thread] = ver
+            if first is None:
+                assert text == expect[has_a[ver]][p], f"{name} v{ver} (A {'in' if has_a[ver] else 'out'}): {p!r} -> {text!r}"
+                clean.add(ver)
+            else:  # a version applied while this request decoded (vLLM only): both ends must be committed ones
+                assert name == "vllm" and first in has_a and first < ver
+        assert len(clean) >= (5 if name == "vllm" else 2), f"{name}: answers under too few versions: {sorted(clean)}"
+    STATE["reload_under_load"] = {"seconds": round(time.monotonic() - t0, 1), "vllm_responses": len(v_seen),
+                                  "hf_responses": len(h_seen), "versions": sorted(has_a),
+                                  "vllm_mixed": sum(1 for s in v_seen if s[4] is not None)}
+
+
 def test_hf_malformed_requests_get_openai_errors(hf):
     cases = [
         ({"model": MODEL}, 400),  # no prompt
@@ -514,7 +598,7 @@ def test_replica_started_while_redis_is_down_serves_and_catches_up(store, store_
 def test_vllm_worker_refuses_a_memory_for_another_model(vllm_server, store_root, other_memory, tmp_path):
     """The stock server command (no `kvedit serve` pre-check) fails at start, naming the mismatch."""
     vllm_server.stop()  # free the CPU
-    port = _free_port()
+    port = free_port()
     settings = MemorySettings(MemoryRef(other_memory), store=str(store_root), redis_url=embedded_url(store_root))
     argv, env = vllm_command(MODEL, settings, port=port)
     log = tmp_path / "refused.log"
