@@ -34,4 +34,11 @@ BENCHMARKS = {
                        "a 20-edit job through the queue vs the same edits run directly (field: overhead)"),
     "store-commit": (_lazy("benchmarks.store_bench", "bench_store_commit"),
                      "commit latency of 1K rows (p50/p99) and commits/s with 4 writers"),
+    "serve-overhead": (_lazy("benchmarks.serve_bench", "bench_serve_overhead"),
+                       "vLLM tokens/s routed vs stock MLP at 0/1K/10K facts, same engine (field: overhead)"),
+    "reload-latency": (_lazy("benchmarks.serve_bench", "bench_reload_latency"),
+                       "commit-to-served p50/p99 of 1K-row deltas into a 10K-row memory under load (fields: p50_s, p99_s)"),
+    "calibration": (_lazy("benchmarks.calibration_bench", "bench_calibration"), "calibrated vs best fixed gate threshold"),
+    "multi-memory": (_lazy("benchmarks.multi_bench", "bench_multi_memory"),
+                     "vLLM tokens/s, requests spread over 1/4/16 memories vs one memory of as many rows (field: overhead)"),
 }

@@ -28,15 +28,19 @@ def _mount_optional() -> None:
     """Mount the command groups of the service packages."""
     from store.cli import memory_app
 
+    from cluster.campaign_cli import campaign_app
     from cluster.jobs_cli import coordinator, demo, edit_submit, jobs_app
     from serving.cli import serve_command
+    from serving.replica_cli import replica_app
 
     app.add_typer(memory_app, name="memory", help="Inspect, revert and export store memories.")
     app.add_typer(jobs_app, name="jobs")
+    app.add_typer(campaign_app, name="campaign")
     edit_app.command("submit")(edit_submit)
     app.command("coordinator")(coordinator)
     app.command("demo")(demo)
     app.command("serve")(serve_command)
+    app.add_typer(replica_app, name="replica")
 
 
 _mount_optional()
@@ -125,8 +129,8 @@ def edit_run(
     if memory is not None:
         from cluster.commit import commit_edits
 
-        result.update(commit_edits(editor, edits.table, memory, store, redis_url, router))
-    editor.attach(edits.table, router=router, threshold=threshold)
+        result.update(commit_edits(editor, edits.table, memory, store, redis_url, router, threshold, records=records))
+    editor.attach(edits.table, router=router, threshold=result.get("threshold", threshold))
     flags = editor.efficacy(records)
     result["efficacy"] = sum(flags) / max(len(flags), 1)
     result["seconds"] = round(edits.seconds, 3)
@@ -186,11 +190,12 @@ def generate(
 @app.command("eval")
 def eval_cmd(
     data: str = typer.Option("counterfact_valid.json", help="records file (shared data name or path)"),
-    method: str = typer.Option("cosine", help="router: cosine | whitened | margin"),
+    method: str = typer.Option("cosine", help="a memory router (cosine | whitened | margin) or a baseline "
+                                              "(rome | memit | alphaedit | scr)"),
     edits: int = typer.Option(10, "--edits", min=1, help="T: number of edits"),
     offset: int = typer.Option(0, min=0),
     layer: Optional[int] = typer.Option(None),
-    threshold: Optional[float] = typer.Option(None),
+    threshold: Optional[float] = typer.Option(None, help="router gate threshold, or scr's minimum similarity"),
     batch: int = typer.Option(32, min=1, help="b: edits per batch (1 = strictly sequential)"),
     seed: int = typer.Option(0),
     model: str = typer.Option("smollm2-135m"),
@@ -200,22 +205,32 @@ def eval_cmd(
     _setup_logging()
     from editing import Editor, EditRecordError, load_records
     from editing.data import data_file
-    from editing.evaluate import run_sequential
+    from editing.evaluate import known_methods, run_sequential
+    from editing.routers import ROUTERS
     from editing.stats import corpus_half, default_corpus_path
 
+    if method not in known_methods():
+        fail(f"unknown method {method!r}; known: {', '.join(known_methods())}")
+    is_router = method in ROUTERS
+    if threshold is not None and not is_router and method != "scr":
+        fail(f"method {method!r} edits weights and has no --threshold")
     try:
         records = load_records(data_file(data), limit=edits, offset=offset)
-        editor = Editor.load(model, layer=layer, router=method, threshold=threshold, seed=seed, batch_size=batch)
+        editor = Editor.load(model, layer=layer, router=method if is_router else None,
+                             threshold=threshold if is_router else None, seed=seed, batch_size=batch)
     except (EditRecordError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     held_out = corpus_half(default_corpus_path().read_text(), "second")
     from rich.progress import Progress
 
-    with Progress(console=err, transient=True, disable=as_json) as prog:
-        task = prog.add_task("editing", total=len(records))
-        result = run_sequential(editor, records, batch, router=method, threshold=threshold,
-                                perplexity_text=held_out[:40_000], long_context_text=held_out[40_000:60_000],
-                                progress=lambda n: prog.advance(task, n))
+    try:
+        with Progress(console=err, transient=True, disable=as_json) as prog:
+            task = prog.add_task("editing", total=len(records))
+            result = run_sequential(editor, records, batch, router=method, threshold=threshold,
+                                    perplexity_text=held_out[:40_000], long_context_text=held_out[40_000:60_000],
+                                    progress=lambda n: prog.advance(task, n))
+    except EditRecordError as exc:
+        fail(str(exc))
     result = {"method": method, "data": data, **result}
     emit(result, as_json)
 

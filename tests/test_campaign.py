@@ -1,0 +1,205 @@
+"""Evaluation campaigns: spec validation, synthetic facts, the scale measurement, and a small real campaign
+run end to end on a local Ray (one actor, the real default model) with its report read back."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.campaign import CampaignSpecError, load_campaign, parse_campaign
+
+CAMPAIGNS = Path(__file__).resolve().parent.parent / "campaigns"
+
+
+def _yaml(tmp_path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+GOOD = """
+name: t
+datasets: [counterfact_valid.json]
+grid: {method: [cosine], T: [10]}
+"""
+
+
+@pytest.mark.parametrize("text, field", [
+    (GOOD.replace("T: [10]", "T: [0]"), "grid.T[0]"),
+    (GOOD.replace("T: [10]", "T: [10], depth: [3]"), "grid.depth"),
+    (GOOD.replace("method: [cosine]", "method: [cosine, cosine]"), "grid.method"),
+    (GOOD.replace("T: [10]", "T: [10], threshold: {margin: [0.5]}"), "grid.threshold.margin"),
+    (GOOD.replace("T: [10]", "T: [10], threshold: [high]"), "grid.threshold[0]"),
+    (GOOD + "options: {fluency_prompts: many}\n", "options.fluency_prompts"),
+    (GOOD + "options: {colour: red}\n", "options.colour"),
+    (GOOD + "options: {edit_config: {values: {stepz: 3}}}\n", "options.edit_config"),
+    (GOOD.replace("name: t", "name: 'bad name/'"), "name"),
+    (GOOD.replace("datasets: [counterfact_valid.json]\n", ""), "datasets"),
+    (GOOD + "sed: 1\n", "sed"),
+    ("name: t\ngrid: [1, 2\n", "<file>"),
+])
+def test_bad_campaign_yaml_names_the_field(tmp_path, text, field):
+    with pytest.raises(CampaignSpecError) as exc:
+        load_campaign(_yaml(tmp_path, text))
+    assert exc.value.field == field
+    assert repr(field) in str(exc.value) and "c.yaml" in str(exc.value)
+
+
+def test_bad_campaign_cli_exits_with_the_field(tmp_path):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    res = CliRunner().invoke(app, ["campaign", "run", str(_yaml(tmp_path, GOOD.replace("T: [10]", "T: [-5]"))),
+                                   "--store", str(tmp_path / "store"), "--json"])
+    assert res.exit_code == 2
+    err = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "'grid.T[0]'" in err["message"] and err["error"] == "CampaignSpecError"
+    assert not (tmp_path / "store" / "campaigns").exists()  # nothing written
+
+
+def test_shipped_campaigns_expand_to_their_grids():
+    paper = load_campaign(CAMPAIGNS / "paper.yaml")
+    cells = paper.cells()
+    assert len(cells) == 2 * 7 * 4  # datasets x methods x T
+    assert {c.method for c in cells} >= {"cosine", "whitened", "margin", "rome", "memit", "alphaedit", "scr"}
+    assert sorted({c.T for c in cells}) == [1, 10, 100, 400] and {c.batch for c in cells} == {1}
+    smoke = load_campaign(CAMPAIGNS / "smoke.yaml").cells()
+    assert [(c.method, c.threshold, c.T) for c in smoke] == [
+        ("cosine", None, 10), ("cosine", 0.8, 10), ("margin", None, 10), ("margin", 0.8, 10)]
+    assert len({c.cell_id for c in smoke}) == 4
+    assert [c.cell_id for c in load_campaign(CAMPAIGNS / "smoke.yaml").cells()] == [c.cell_id for c in smoke]
+    # batch is capped at T, so grid points that mean the same run collapse into one cell
+    spec = parse_campaign({"name": "x", "datasets": ["synthetic"], "grid": {"method": ["cosine"], "T": [5], "batch": [5, 8]}})
+    assert len(spec.cells()) == 1 and spec.cells()[0].batch == 5
+
+
+def test_synthetic_facts_are_seeded_unique_and_use_real_templates(tmp_path):
+    from editing import load_records
+    from editing.data import data_file
+    from editing.synthetic import load_relations, synthetic_requests, write_jsonl
+
+    real = load_records(data_file("counterfact_valid.json")) + load_records(data_file("counterfact_test.json"))
+    real_targets: dict[str, set] = {}
+    for r in real:
+        real_targets.setdefault(r.prompt.replace(r.subject, "{}", 1), set()).update([r.target_new, r.target_true])
+    rels = load_relations()
+    assert len(rels) >= 30 and all(rel.template in real_targets for rel in rels)
+
+    a = synthetic_requests(3000, seed=7, relations=rels)
+    assert a == synthetic_requests(3000, seed=7, relations=rels)
+    b = synthetic_requests(3000, seed=8, relations=rels)
+    assert [r.subject for r in a] != [r.subject for r in b]
+    assert len({r.subject for r in a}) == 3000
+    real_subjects = {r.subject for r in real}
+    used_templates = set()
+    for r in a:
+        assert r.subject not in real_subjects and re.fullmatch(r"[A-Z][a-z]+ [A-Z][a-z]+", r.subject)
+        template = r.prompt.replace(r.subject, "{}", 1)
+        assert template in real_targets
+        assert {r.target_new, r.target_true} <= real_targets[template] and r.target_new != r.target_true
+        used_templates.add(template)
+    assert len(used_templates) > 0.9 * len(rels)
+    back = load_records(write_jsonl(a[:50], tmp_path / "f.jsonl"))
+    assert [(r.subject, r.prompt, r.target_new, r.target_true) for r in back] == \
+        [(r.subject, r.prompt, r.target_new, r.target_true) for r in a[:50]]
+
+
+def test_scale_measurement_on_the_real_model(smol):
+    from editing.synthetic import measure_scale, scale_memory, synthetic_requests
+
+    reqs = synthetic_requests(200, seed=3)
+    sm = scale_memory(smol, reqs, router="cosine", value_sample=2)
+    assert sm.memory.n_facts == 200 and smol.memory is None
+    assert sm.memory.residuals[[sm.memory.slots[e] for e in sm.edit_ids[2:]]].abs().sum() == 0  # zeros past the sample
+    res = measure_scale(smol, sm, wikitext_tokens=1000)
+    assert smol.memory is None
+    assert res["n_facts"] == 200 and res["wikitext_tokens"] == 1000 and res["threshold"] == pytest.approx(0.65)
+    # each invented subject's own prompt finds its own row among 200, and the gate opens for it
+    assert res["routing_top1"] >= 0.9 and res["routing_capacity"] >= 0.8
+    assert res["false_gate_rate"] < 0.05
+    assert res["sample_efficacy"] == 1.0
+    # a gate no cosine score passes: nothing routes; a gate at 0: nearly every WikiText token gates on
+    sm.memory.threshold.fill_(1.01)
+    shut = measure_scale(smol, sm, wikitext_tokens=1000)
+    assert shut["routing_capacity"] == 0 and shut["false_gate_rate"] == 0
+    assert shut["routing_top1"] == res["routing_top1"]
+    sm.memory.threshold.fill_(0.0)
+    wide = measure_scale(smol, sm, wikitext_tokens=1000)
+    assert wide["false_gate_rate"] > 0.5 and wide["routing_capacity"] == wide["routing_top1"]
+
+
+def _png_ok(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def test_small_campaign_end_to_end_with_report_and_resume(tmp_path):
+    import pandas as pd
+
+    from cluster.campaign import CampaignResults, run_campaign
+    from cluster.campaign_report import format_value, write_report
+
+    spec = load_campaign(CAMPAIGNS / "smoke.yaml")
+    spec.methods.append("no-such-method")  # one cell that must fail without stopping the others
+    spec.thresholds["no-such-method"] = [None]
+    store = str(tmp_path / "store")
+    seen = []
+    run = run_campaign(spec, store=store, workers=1, on_cell=lambda cell, row: seen.append((cell.cell_id, row["status"])))
+    assert (run.cells, run.skipped, run.ok, run.failed) == (5, 0, 4, 1)
+    assert len(seen) == 5 and sorted(s for _, s in seen) == ["error"] + ["ok"] * 4
+
+    df = pd.read_parquet(CampaignResults("smoke", store).results_dir)  # the store's results table, read by pandas
+    assert len(df) == 5 and set(df["cell_id"]) == {c.cell_id for c in spec.cells()}
+    bad = df[df["status"] == "error"].iloc[0]
+    assert bad["method"] == "no-such-method" and "no-such-method" in bad["error"]
+    ok = df[df["status"] == "ok"]
+    assert (ok["n_edits"] == 10).all() and ok["efficacy"].notna().all() and ok["withdrawal_reverted"].notna().all()
+    assert (ok["withdrawal_reverted"] == 1.0).all()  # deleted edits give exactly the unedited logits
+    assert sorted(ok["threshold_used"].round(2)) == [0.6, 0.65, 0.8, 0.8]  # margin/cosine defaults, then 0.8
+    assert (ok[ok["threshold_used"].round(2) < 0.8]["efficacy"] >= 0.8).all()  # the edits work at the defaults
+
+    report = write_report("smoke", tmp_path / "report", store=store)
+    text = report.read_text()
+    pngs = sorted((tmp_path / "report" / "plots").glob("*.png"))
+    assert {"T_efficacy.png", "threshold_efficacy.png", "T_withdrawal_reverted.png"} <= {p.name for p in pngs}
+    assert all(_png_ok(p) for p in pngs)
+    for p in pngs:
+        assert f"(plots/{p.name})" in text
+    # the comparison table carries each cell's numbers as stored in the results table
+    table_rows = [line for line in text.splitlines() if line.startswith("| cosine") or line.startswith("| margin")]
+    assert len(table_rows) == 4
+    for _, r in ok.iterrows():
+        row = next(line for line in table_rows if line.startswith(f"| {r['method']} | {r['threshold_used']:.2f} |"))
+        cols = [c.strip() for c in row.strip("|").split("|")]
+        assert cols[2] == format_value("efficacy", r["efficacy"])
+        assert cols[3] == format_value("generalization", r["generalization"])
+        assert cols[4] == f"{format_value('specificity', r['specificity'])} ({format_value('pre_specificity', r['pre_specificity'])})"
+        assert format_value("withdrawal_reverted", r["withdrawal_reverted"]) == "100.0" and "100.0" in cols
+    assert "## Failed cells" in text and "no-such-method" in text.split("## Failed cells")[1]
+
+    # resume: every cell is recorded, so a second run starts nothing (no Ray, no model) and is quick
+    t0 = time.perf_counter()
+    again = run_campaign(spec, store=store, workers=1, retry_failed=False)
+    assert (again.skipped, again.ok, again.failed) == (5, 0, 0) and time.perf_counter() - t0 < 10
+    assert len(pd.read_parquet(CampaignResults("smoke", store).results_dir)) == 5
+
+    # the same through the CLI (the shipped smoke.yaml: its 4 cells are all done)
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    res = CliRunner().invoke(app, ["campaign", "run", str(CAMPAIGNS / "smoke.yaml"), "--store", store, "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["cells"], summary["skipped"], summary["ok"]) == (4, 4, 0)
+    res = CliRunner().invoke(app, ["campaign", "report", "smoke", "--out", str(tmp_path / "cli-report"), "--store", store])
+    assert res.exit_code == 0 and Path(res.stdout.strip()).read_text().count("| cosine |") == 2
