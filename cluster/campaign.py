@@ -56,7 +56,8 @@ OPTIONS: dict[str, tuple[type | tuple, Any]] = {
 # The numbers a cell can report (float columns of the results table; missing ones stay null).
 METRICS = (
     "efficacy", "generalization", "specificity", "pre_specificity", "locality", "fluency", "pre_fluency",
-    "perplexity_delta", "subject_rephrase", "shuffled_subject", "long_context", "withdrawal_reverted",
+    "perplexity_delta", "subject_rephrase", "subject_rephrase_in_domain", "subject_rephrase_out_of_domain",
+    "shuffled_subject", "long_context", "withdrawal_reverted",
     "withdrawal_retained", "routing_capacity", "routing_top1", "false_gate_rate", "sample_efficacy", "seconds",
 )
 

@@ -21,7 +21,8 @@ TABLE_COLUMNS = (
     ("efficacy", "Efficacy", None), ("generalization", "Generalization", None),
     ("specificity", "Specificity (pre)", "pre_specificity"), ("locality", "Locality", None),
     ("fluency", "Fluency (pre)", "pre_fluency"), ("perplexity_delta", "PPL Δ", None),
-    ("subject_rephrase", "Subject rephrase", None), ("shuffled_subject", "Shuffled", None),
+    ("subject_rephrase", "Subject rephrase", None), ("subject_rephrase_out_of_domain", "Rephrase held out", None),
+    ("shuffled_subject", "Shuffled", None),
     ("long_context", "Long ctx", None), ("withdrawal_reverted", "Withdrawal reverted", None),
     ("withdrawal_retained", "Withdrawal retained", None), ("seconds", "Seconds", None),
 )

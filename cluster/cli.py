@@ -137,6 +137,49 @@ def edit_run(
     emit(result, as_json)
 
 
+@edit_app.command("robust-keys")
+def edit_robust_keys(
+    memory: str = typer.Option(..., help="the store memory to train an adapter for"),
+    data: Optional[str] = typer.Option(None, help="records the memory's edits came from, with subject_rephrase "
+                                                  "(shared data name or path)"),
+    model: str = typer.Option("smollm2-135m"),
+    store: Optional[str] = typer.Option(None, help="store URI (default $KVEDIT_STORE or ~/.cache/kvedit/store)"),
+    redis_url: Optional[str] = typer.Option(None, envvar="KVEDIT_REDIS_URL"),
+    limit: Optional[int] = typer.Option(None, min=1),
+    offset: int = typer.Option(0, min=0),
+    steps: int = typer.Option(300, min=1, help="training steps"),
+    rank: int = typer.Option(64, min=1, help="adapter rank"),
+    remove: bool = typer.Option(False, "--remove", help="commit a version without the adapter instead"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Train a REP robust-key adapter on a memory's edits and commit it as the memory's next version
+    (replicas following the memory route through it from that version on)."""
+    _setup_logging()
+    from cluster.commit import open_store
+    from cluster.robust import drop_robust_keys, train_robust_keys
+    from editing import Editor, EditRecordError, load_records
+    from editing.data import data_file
+    from editing.models import ModelNotFoundError
+    from editing.rep import RobustKeyHparams
+    from store import StoreError
+
+    try:
+        with open_store(store, redis_url) as st:
+            if remove:
+                emit(drop_robust_keys(st, memory), as_json)
+                return
+            if data is None:
+                fail("give --data with the records of the memory's edits (or --remove)")
+            records = load_records(data_file(data), limit=limit, offset=offset)
+            info = st.info(memory)
+            editor = Editor.load(model, layer=info.spec.layer)
+            result = train_robust_keys(editor, st, memory, records, RobustKeyHparams(rank=rank, steps=steps), seed=seed)
+    except (EditRecordError, FileNotFoundError, ModelNotFoundError, ValueError, StoreError) as exc:
+        fail(str(exc))
+    emit(result, as_json)
+
+
 @app.command("generate")
 def generate(
     prompts: list[str] = typer.Argument(..., help="prompts to continue greedily"),
@@ -198,6 +241,8 @@ def eval_cmd(
     threshold: Optional[float] = typer.Option(None, help="router gate threshold, or scr's minimum similarity"),
     batch: int = typer.Option(32, min=1, help="b: edits per batch (1 = strictly sequential)"),
     seed: int = typer.Option(0),
+    robust_keys: bool = typer.Option(False, "--robust-keys", help="train a REP robust-key adapter on the edits "
+                                     "(memory routers only); adds subject_rephrase_in_domain / _out_of_domain"),
     model: str = typer.Option("smollm2-135m"),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -214,6 +259,8 @@ def eval_cmd(
     is_router = method in ROUTERS
     if threshold is not None and not is_router and method != "scr":
         fail(f"method {method!r} edits weights and has no --threshold")
+    if robust_keys and not is_router:
+        fail(f"--robust-keys adapts the memory's routing; method {method!r} has no memory")
     try:
         records = load_records(data_file(data), limit=edits, offset=offset)
         editor = Editor.load(model, layer=layer, router=method if is_router else None,
@@ -228,7 +275,7 @@ def eval_cmd(
             task = prog.add_task("editing", total=len(records))
             result = run_sequential(editor, records, batch, router=method, threshold=threshold,
                                     perplexity_text=held_out[:40_000], long_context_text=held_out[40_000:60_000],
-                                    progress=lambda n: prog.advance(task, n))
+                                    progress=lambda n: prog.advance(task, n), robust_keys=robust_keys)
     except EditRecordError as exc:
         fail(str(exc))
     result = {"method": method, "data": data, **result}

@@ -22,6 +22,9 @@ from editing.records import EditRequest
 from editing.routers import ROUTERS
 
 
+TRAIN_REPHRASES = 5  # subject rephrasings per edit that REP trains on (in domain); the rest are held out
+
+
 def known_methods() -> list[str]:
     """Every name `run_sequential` accepts: the memory's routers, then the baselines."""
     return sorted(ROUTERS) + sorted(BASELINES)
@@ -73,9 +76,10 @@ def substituted(reqs: list[EditRequest], subjects_of) -> list[tuple[str, EditReq
     return [(r.prompt.replace(r.subject, s, 1), r) for r in reqs for s in subjects_of(r)]
 
 
-def subject_rephrase(ed, reqs: list[EditRequest]) -> float | None:
-    """Success of the new target with the subject replaced by each of its rephrasings (REP)."""
-    pairs = substituted(reqs, lambda r: r.subject_rephrases)
+def subject_rephrase(ed, reqs: list[EditRequest], which: slice = slice(None)) -> float | None:
+    """Success of the new target with the subject replaced by each of its rephrasings (REP);
+    `which` selects rephrasings by position (e.g. the ones a REP adapter was trained on)."""
+    pairs = substituted(reqs, lambda r: r.subject_rephrases[which])
     if not pairs:
         return None
     return _rate(_beats(ed, [p for p, _ in pairs], [r.target_new for _, r in pairs],
@@ -207,9 +211,11 @@ class MemoryMethod(EditMethod):
         # the Editor and the requests, not on the router: campaign cells that differ only in router or
         # threshold share them. Later batches see earlier edits, so they are never cached.
         self.edit_cache = edit_cache
+        self.history: list[tuple[list[EditRequest], torch.Tensor]] = []  # (requests, keys [n, d_key]) per edit()
 
     def __enter__(self) -> "MemoryMethod":
         self.mem = self.ed.attach(router=self.router, threshold=self.threshold)
+        self.history = []
         return self
 
     def __exit__(self, *exc) -> None:
@@ -224,7 +230,27 @@ class MemoryMethod(EditMethod):
             if cached:
                 self.edit_cache[key] = edits
         self.mem.add(edits.edit_ids, edits.keys, edits.residuals)
+        self.history.append((reqs, edits.keys))
         return edits.edit_ids
+
+    def fit_robust_keys(self, negative_text: str, train_rephrases: int = TRAIN_REPHRASES, hp=None, seed: int = 0) -> dict:
+        """Train a REP adapter (`editing.rep`) on every edit made so far and install it on the memory.
+
+        The first `train_rephrases` subject rephrasings of each edit are seen in training, the rest
+        stay out of domain. Returns what was trained, for the run's JSON.
+        """
+        import time
+
+        from editing.rep import RobustKeyHparams, fit_robust_keys
+
+        hp = hp or RobustKeyHparams()
+        t0 = time.perf_counter()
+        reqs = [r for chunk, _ in self.history for r in chunk]
+        keys = torch.cat([k for _, k in self.history])
+        self.mem.query_adapter = fit_robust_keys(self.ed, self.mem, reqs, keys, negative_text,
+                                                 rephrases=slice(0, train_rephrases), hp=hp, seed=seed)
+        return {"rank": hp.rank, "steps": hp.steps, "train_rephrases": train_rephrases,
+                "seconds": round(time.perf_counter() - t0, 2)}
 
     def delete(self, edit_ids: list[str]) -> int:
         return self.mem.delete(edit_ids)
@@ -273,7 +299,8 @@ def _describe_baseline(method) -> dict:
 
 def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None = None, threshold: float | None = None,
                    perplexity_text: str | None = None, long_context_text: str | None = None, fluency_prompts: int = 20,
-                   progress=None, settings: dict | None = None, edit_cache: dict | None = None) -> dict:
+                   progress=None, settings: dict | None = None, edit_cache: dict | None = None,
+                   robust_keys: bool = False, robust_keys_text: str | None = None) -> dict:
     """Sequential editing: apply the edits in batches of `batch` (each computed on the model with
     the earlier edits applied), then evaluate all of them at the end.
 
@@ -287,12 +314,18 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
 
     `edit_cache`: a dict shared by runs on the same Editor; the unedited model's measurements and the
     first-batch edits of a memory method (see `MemoryMethod`) are reused from it.
+    `robust_keys`: after the edits, train a REP adapter on them (`MemoryMethod.fit_robust_keys`;
+    memory methods only) on negatives from `robust_keys_text` (default: the first, statistics
+    half of WikiText), and report `subject_rephrase_in_domain` / `_out_of_domain` (rephrasings
+    seen / not seen in training) beside `subject_rephrase`.
     Returns the `kvedit eval` JSON fields (robustness fields only where the data has them).
     """
     import time
 
     t0 = time.perf_counter()
     method = open_method(ed, router, threshold, settings, edit_cache)
+    if robust_keys and not isinstance(method, MemoryMethod):
+        raise ValueError(f"robust keys adapt the memory's routing; method {router!r} has no memory")
     ed.detach()
     before_key = ("unedited", id(ed), ed.layer, tuple((r.prompt, r.subject) for r in reqs), perplexity_text, fluency_prompts)
     before = edit_cache.get(before_key) if edit_cache is not None else None
@@ -311,9 +344,17 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
             if progress:
                 progress(len(chunk))
         m = method  # metrics read the model through the method (scr rewrites the prompts)
+        trained = None
+        if robust_keys:
+            if robust_keys_text is None:
+                from editing.stats import corpus_half, default_corpus_path
+
+                robust_keys_text = corpus_half(default_corpus_path().read_text(), "first")
+            trained = m.fit_robust_keys(robust_keys_text)
         out = {
             "n_edits": len(reqs), "batch": batch,
             **(m.describe() if isinstance(m, MemoryMethod) else _describe_baseline(m)),
+            **({"robust_keys": trained} if trained else {}),
             "efficacy": efficacy(m, reqs), "generalization": generalization(m, reqs),
             "specificity": neighborhood(m, reqs), "pre_specificity": pre_spec,
             "fluency": fluency(m, [r.prompt for r in reqs[:fluency_prompts]]), "pre_fluency": pre_flu,
@@ -322,6 +363,10 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
             out["perplexity_delta"] = perplexity(m, perplexity_text) / pre_ppl - 1
         if any(r.subject_rephrases for r in reqs):
             out["subject_rephrase"] = subject_rephrase(m, reqs)
+            if trained:
+                k = trained["train_rephrases"]
+                out["subject_rephrase_in_domain"] = subject_rephrase(m, reqs, slice(0, k))
+                out["subject_rephrase_out_of_domain"] = subject_rephrase(m, reqs, slice(k, None))
         out["shuffled_subject"] = shuffled_subject(m, reqs)
         if long_context_text:
             out["long_context"] = long_context(m, reqs, long_context_text)

@@ -51,6 +51,36 @@ class RobustKeys(nn.Module):
     def config(self) -> dict:
         return {"d_key": self.d_key, "rank": self.rank}
 
+    def to_bytes(self) -> bytes:
+        """The weights as a safetensors blob (what a memory version stores as its artifact)."""
+        from safetensors.torch import save
+
+        return save({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "RobustKeys":
+        """An adapter from `to_bytes` output (its sizes come from the weights), frozen for inference."""
+        from safetensors.torch import load
+
+        state = load(data)
+        missing = {"down", "up", "gate_w", "gate_b"} - set(state)
+        if missing:
+            raise ValueError(f"robust-keys weights lack {sorted(missing)}")
+        d_key, rank = state["down"].shape
+        adapter = cls(d_key, rank)
+        adapter.load_state_dict(state)
+        return adapter.eval().requires_grad_(False)
+
+    def digest(self) -> str:
+        """Content hash of the weights: the artifact key, so equal adapters share one file."""
+        import hashlib
+
+        return hashlib.sha256(self.to_bytes()).hexdigest()[:24]
+
+
+ARTIFACT_KIND = "robust_keys"  # store artifact kind of adapter weights; a memory's router config names one:
+# {"name": ..., "threshold": ..., "robust_keys": {"artifact": digest, "rank": r, "d_key": d}}
+
 
 @dataclass
 class RobustKeyHparams:

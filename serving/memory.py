@@ -40,6 +40,7 @@ import redis
 import torch
 
 from editing.models import cache_dir
+from editing.rep import ARTIFACT_KIND, RobustKeys
 from editing.routed import RoutedFFN
 from editing.routers import ROUTERS, Router, make_router
 from editing.stats import SecondMoment
@@ -76,6 +77,20 @@ class KeyShard:
     start: int
     end: int
     gather: Callable[[torch.Tensor], torch.Tensor]
+
+
+class ShardedAdapter(torch.nn.Module):
+    """A REP adapter on one tensor-parallel rank: gathers the full key, adapts it, keeps this rank's columns.
+
+    forward: key [T, end - start] -> [T, end - start].
+    """
+
+    def __init__(self, adapter: torch.nn.Module, shard: "KeyShard"):
+        super().__init__()
+        self.adapter, self.shard = adapter, shard
+
+    def forward(self, key: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.shard.gather(key))[:, self.shard.start:self.shard.end]
 
 
 @dataclass
@@ -239,6 +254,8 @@ class StagedUpdate:
     n_rows: int
     committed_at: float | None = None  # unix seconds
     staged_at: float = field(default_factory=time.time)
+    query_adapter: torch.nn.Module | None = None  # REP robust keys named by `router` (loaded while staging)
+    problem: str | None = None  # why this version cannot be served (e.g. its adapter cannot be read)
 
 
 def _timestamp(value) -> float | None:
@@ -295,13 +312,45 @@ class MemoryFollower:
         self.errors = 0
         self.last_error: str | None = None
         self.blocked_version: int | None = None
+        self._adapter_key: str | None = None  # artifact of the last REP adapter read, and the module
+        self._adapter: torch.nn.Module | None = None
+        self._problem_version: int | None = None  # the last version refused by `_unservable`
 
     # ------------------------------------------------------------------ reading the store
+    def _with_adapter(self, u: StagedUpdate) -> StagedUpdate:
+        """Load the REP adapter `u.router["robust_keys"]` names (once per artifact), off the step path."""
+        ref = (u.router or {}).get("robust_keys")
+        if not ref:
+            return u
+        key = ref.get("artifact") if isinstance(ref, dict) else None
+        if key is not None and key == self._adapter_key:
+            u.query_adapter = self._adapter
+            return u
+        where = f"memory {self.name!r} v{u.version}"
+        found = self.store.get_artifact(ARTIFACT_KIND, key) if key else None
+        if found is None:
+            u.problem = f"{where}: robust-keys artifact {key!r} is not in the store"
+            return u
+        try:
+            adapter = RobustKeys.from_bytes(found[0])
+        except Exception as exc:  # a torn or foreign file: refuse the version, keep serving the last one
+            u.problem = f"{where}: robust-keys artifact {key!r} cannot be read: {exc}"
+            return u
+        if adapter.d_key != self.spec.d_key:
+            u.problem = f"{where}: robust-keys adapter is for d_key {adapter.d_key}, the memory's is {self.spec.d_key}"
+            return u
+        adapter = adapter.to(self.routed.rows.device)
+        if self.shard is not None:
+            adapter = ShardedAdapter(adapter, self.shard)
+        self._adapter_key, self._adapter = key, adapter
+        u.query_adapter = adapter
+        return u
+
     def _snapshot(self, version: int | None) -> StagedUpdate:
         info, table = self.store.load(self.name, version, spec=self.spec)
         ids, keys, res = table_tensors(table, self.spec)
-        return StagedUpdate(info.version, None, ids, keys, res, [], info.router, info.n_rows,
-                            committed_at=_timestamp(info.committed_at))
+        return self._with_adapter(StagedUpdate(info.version, None, ids, keys, res, [], info.router, info.n_rows,
+                                               committed_at=_timestamp(info.committed_at)))
 
     def _delta(self, since: int, until: int | None, committed_at: float | None) -> StagedUpdate | None:
         try:
@@ -314,8 +363,8 @@ class MemoryFollower:
         ids, keys, res = table_tensors(d.added, self.spec)
         if committed_at is None or until != d.to_version:
             committed_at = _timestamp(self.store.info(self.name, d.to_version).committed_at)
-        return StagedUpdate(d.to_version, since, ids, keys, res, list(d.deleted), d.router, d.n_rows,
-                            committed_at=committed_at)
+        return self._with_adapter(StagedUpdate(d.to_version, since, ids, keys, res, list(d.deleted), d.router,
+                                               d.n_rows, committed_at=committed_at))
 
     # ------------------------------------------------------------------ staging and applying
     def load(self, version: int | None = None) -> None:
@@ -392,6 +441,7 @@ class MemoryFollower:
                 r.apply(u.added_ids, keys, u.residuals, deleted, version=u.version)
                 thr = (u.router or {}).get("threshold")
                 r.threshold.fill_(r.router.default_threshold if thr is None else float(thr))
+                r.query_adapter = u.query_adapter
                 applied.append(u)
         now = time.time()
         for u in applied:
@@ -404,6 +454,8 @@ class MemoryFollower:
 
     def _refusal(self, u: StagedUpdate) -> str | None:
         r = self.routed
+        if u.problem:
+            return u.problem
         if u.base_version is not None and u.base_version != r.version:
             return f"memory {self.name!r}: delta v{u.base_version}->v{u.version} does not start at the loaded v{r.version}"
         name = (u.router or {}).get("name") or "cosine"
@@ -450,14 +502,24 @@ class MemoryFollower:
             return False
         if len(self._pending) >= MAX_PENDING:
             update = self._snapshot(version)
-            if update.version <= base:
+            if update.version <= base or self._unservable(update):
                 return False
             self.stage(update, replace=True)
             return True
         update = self._delta(base, version, committed_at)
-        if update is None:
+        if update is None or self._unservable(update):
             return False
         self.stage(update, replace=update.base_version is None)
+        return True
+
+    def _unservable(self, update: StagedUpdate) -> bool:
+        """A version that cannot be served (its adapter cannot be read) is not staged: the replica keeps
+        its version and stages the next good one as one delta from there. Reported once per version."""
+        if not update.problem:
+            return False
+        if update.version != self._problem_version:
+            self._problem_version = update.version
+            self._fail(update.problem)
         return True
 
     def _fit_basis(self, update: StagedUpdate) -> None:
@@ -556,6 +618,7 @@ class MemoryFollower:
             "capacity": r.capacity,
             "prefilter": r.use_prefilter,
             "prefilter_pending": self.basis_pending,
+            "robust_keys": self._adapter_key if r.query_adapter is not None else None,
             "layer": self.spec.layer,
             "hits": int(r.hits),
             "tokens": int(r.tokens),

@@ -65,8 +65,10 @@ def test_bad_campaign_cli_exits_with_the_field(tmp_path):
 def test_shipped_campaigns_expand_to_their_grids():
     paper = load_campaign(CAMPAIGNS / "paper.yaml")
     cells = paper.cells()
-    assert len(cells) == 2 * 7 * 4  # datasets x methods x T
-    assert {c.method for c in cells} >= {"cosine", "whitened", "margin", "rome", "memit", "alphaedit", "scr"}
+    # datasets x T x (3 cosine + 3 whitened thresholds + margin, 2 robust-key variants, 4 baselines)
+    assert len(cells) == 2 * 4 * (3 + 3 + 1 + 2 + 4)
+    assert {c.method for c in cells} == {"cosine", "whitened", "margin", "cosine+rep", "whitened+rep", "rome", "memit",
+                                         "alphaedit", "scr"}
     assert sorted({c.T for c in cells}) == [1, 10, 100, 400] and {c.batch for c in cells} == {1}
     smoke = load_campaign(CAMPAIGNS / "smoke.yaml").cells()
     assert [(c.method, c.threshold, c.T) for c in smoke] == [

@@ -172,3 +172,55 @@ def test_robust_keys_reroute_rephrased_subjects_and_leave_the_rest(smol, ten_edi
         assert torch.equal(next_token_logits(smol.model, smol.tok, probe), base), "adapter never touches the base path"
     finally:
         smol.detach()
+
+
+def test_robust_keys_are_committed_with_the_memory_and_served_from_it(smol, ten_edits, tmp_path):
+    """`kvedit edit robust-keys` trains an adapter on a store memory's edits and commits it as the next
+    version (artifact + router config); a replica following the memory routes through exactly it.
+    Records that are not the memory's edits are refused by record, and nothing is committed."""
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+    from editing.keys import compute_keys
+    from editing.rep import ARTIFACT_KIND, RobustKeys, variant_requests
+    from serving.memory import MemoryFollower, ServedModel, build_routed, resolve_memory
+    from serving.settings import MemoryRef, MemorySettings
+    from store import MemoryStore, embedded_url, stop_embedded_redis
+
+    recs, edits = ten_edits
+    root = tmp_path / "store"
+    st = MemoryStore(str(root))
+    try:
+        st.create("facts", smol.spec, {"name": "cosine"})
+        st.commit("facts", edits.table)
+        args = ["edit", "robust-keys", "--memory", "facts", "--store", str(root), "--steps", "40", "--json"]
+        res = CliRunner().invoke(app, args + ["--data", "counterfact_valid.json", "--offset", "20", "--limit", "2"])
+        assert res.exit_code == 2 and "record 0" in res.output and "no row in the memory" in res.output
+        assert st.info("facts").version == 1, "nothing committed for records of other edits"
+
+        res = CliRunner().invoke(app, args + ["--data", "counterfact_valid.json", "--limit", "10"])
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        info = st.info("facts")
+        assert out["version"] == info.version == 2 and out["rows"] == 10 and info.n_rows == 10
+        ref = info.router["robust_keys"]
+        assert ref["artifact"] == out["artifact"] and ref["d_key"] == smol.adapter.d_key
+        adapter = RobustKeys.from_bytes(st.get_artifact(ARTIFACT_KIND, ref["artifact"])[0])
+
+        settings = MemorySettings(MemoryRef("facts"), store=str(root), redis_url=embedded_url(root))
+        served = ServedModel(smol.spec.model_fingerprint, smol.model.config.num_hidden_layers, smol.adapter.d_key,
+                             smol.adapter.d_model)
+        resolved = resolve_memory(settings, served)
+        follower = MemoryFollower(resolved, build_routed(resolved))
+        follower.load()
+        try:
+            routed = follower.routed
+            assert routed.version == 2 and routed.query_adapter is not None
+            var, _ = variant_requests(recs, slice(0, None), smol.tok, seed=0)
+            q = compute_keys(smol.model, smol.tok, smol.adapter, smol.layer, var, ["{}"]).float()
+            torch.testing.assert_close(routed.query_adapter(q), adapter(q), rtol=0, atol=0)
+        finally:
+            follower.close()
+    finally:
+        st.close()
+        stop_embedded_redis(root)

@@ -233,6 +233,77 @@ def test_follower_stages_versions_until_the_step_boundary(tmp_path):
         stop_embedded_redis(root)
 
 
+def _wait_staged(f, version, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while f.status()["staged_version"] != version:
+        assert time.monotonic() < deadline, f"the watcher never staged v{version}"
+        time.sleep(0.02)
+
+
+def test_follower_routes_through_the_versions_robust_keys_adapter(tmp_path):
+    """A version whose router config names a REP adapter is served through it from that version on
+    (read from the store's artifacts while staging); one whose adapter cannot be read is refused
+    and the replica keeps serving the last good version; a version without it routes plain keys."""
+    from editing.rep import ARTIFACT_KIND, RobustKeys
+
+    spec = MemorySpec("fp-unit", 2, 16, 8)
+    root = tmp_path / "s"
+    s = MemoryStore(root)
+    f = None
+    try:
+        s.create("m", spec, {"name": "cosine", "threshold": 0.5})
+        s.commit("m", synthetic_rows(spec, ["a", "b", "c"]))
+        settings = MemorySettings(MemoryRef("m"), store=str(root), redis_url=embedded_url(root), poll_seconds=0.2)
+        resolved = resolve_memory(settings, ServedModel("fp-unit", 4, 16, 8))
+        routed = build_routed(resolved)
+        f = MemoryFollower(resolved, routed, poll_seconds=0.2)
+        f.load()
+        f.start()
+        q = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+        plain = routed.route(q)
+        torch.manual_seed(1)
+        adapter = RobustKeys(16, rank=4)
+        with torch.no_grad():  # a trained-looking adapter: the identity plus a strong low-rank term, gate open
+            adapter.up.normal_(0, 1.0)
+            adapter.gate_b.fill_(4.0)
+        expected = routed.route(adapter(q))
+        assert not torch.equal(expected[0], plain[0]), "the adapter must change some token's best row"
+        key = adapter.digest()
+        s.put_artifact(ARTIFACT_KIND, key, adapter.to_bytes(), {})
+        router = s.info("m").router
+        v2 = s.commit("m", router_update={**router, "robust_keys": {"artifact": key, **adapter.config()}}).version
+        _wait_staged(f, v2)
+        assert routed.query_adapter is None, "the adapter waits for the step boundary with its version"
+        assert f.step_boundary() and routed.version == v2 and f.status()["robust_keys"] == key
+        for got, want in zip(routed.route(q), expected):
+            assert torch.equal(got, want)
+
+        v3 = s.commit("m", router_update={**router, "robust_keys": {"artifact": "f" * 24}}).version
+        deadline = time.monotonic() + 10
+        while f.status()["errors"] == 0:
+            assert time.monotonic() < deadline, f"v{v3} was never looked at"
+            time.sleep(0.02)
+        f.step_boundary()
+        assert routed.version == v2 and f.status()["staged_version"] == v2 and routed.query_adapter is not None, "an unreadable adapter's version is refused"
+        assert "robust-keys artifact 'ffffffffffffffffffffffff' is not in the store" in f.status()["last_error"]
+        assert torch.equal(routed.route(q)[0], expected[0])
+
+        v4 = s.commit("m", synthetic_rows(spec, ["d"], seed=1), router_update=router).version  # adapter dropped
+        deadline = time.monotonic() + 10
+        while routed.version != v4:
+            assert time.monotonic() < deadline, "the follower never reached v4 after the refused version"
+            f.step_boundary()
+            time.sleep(0.05)
+        assert routed.query_adapter is None and f.status()["robust_keys"] is None
+        sliced = routed.route(q)
+        torch.testing.assert_close(sliced[1][plain[0] == sliced[0]], plain[1][plain[0] == sliced[0]])
+    finally:
+        if f is not None:
+            f.close()
+        s.close()
+        stop_embedded_redis(root)
+
+
 def test_follower_fits_the_prefilter_when_deltas_grow_the_memory(tmp_path):
     """A memory that grows past the prefilter size through deltas gets the basis a restarted replica would have:
     fitted by the watcher, set only at a step boundary."""
