@@ -83,8 +83,9 @@ class ServingMetrics:
             self.version.labels(name).set(status["version"])
         self.facts.labels(name).set(status.get("facts", 0))
         self.follow_errors.labels(name).set(status.get("errors", 0))
+        reload = self.reload.labels(name)  # the series exists from the first scrape, so rate() sees the first reload
         for seconds in status.get("reload_seconds") or ():
-            self.reload.labels(name).observe(seconds)
+            reload.observe(seconds)
 
     def _observe_hits(self, hits: int, tokens: int) -> None:
         self.hit_tokens.set(hits)
