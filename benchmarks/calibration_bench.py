@@ -12,6 +12,8 @@ The sweep's best point is chosen on the metrics themselves, an oracle no deploym
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 
 SWEEP = {"cosine": (0.5, 0.6, 0.65, 0.7, 0.8, 0.9), "whitened": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
@@ -67,6 +69,7 @@ def bench_calibration(model: str = "smollm2-135m", n_edits: int = 100, layer: in
         for label, thr in points:
             mem.threshold.fill_(thr)
             rows.append({"label": label, "threshold": round(thr, 4), **_metrics(ed, reqs)})
+            print(json.dumps({"router": name, **rows[-1]}), file=sys.stderr, flush=True)  # progress: a long run
         ed.detach()
         best = max((r for r in rows if r["label"] == "fixed"), key=lambda r: r["average"])
         cal, bare = rows[-2], rows[-1]
