@@ -207,31 +207,46 @@ class MemoryMethod(EditMethod):
         super().__init__(ed)
         self.router, self.threshold = router, threshold
         self.mem = None
-        # Edits computed on the unedited model (an empty memory is bit-identical to it) depend only on
-        # the Editor and the requests, not on the router: campaign cells that differ only in router or
-        # threshold share them. Later batches see earlier edits, so they are never cached.
+        # An edit batch depends only on the Editor, the batch and the model it is computed on. The
+        # memory's model is fixed by its router, threshold and the batches already added, so a batch
+        # is cached under those: campaign cells that share a prefix of the same edit sequence (T = 100
+        # and T = 400, or cosine and cosine+rep, whose adapter is trained after the edits) compute it
+        # once. An empty memory is bit-identical to the unedited model, so first batches are shared
+        # across routers and thresholds too.
         self.edit_cache = edit_cache
+        self._done: tuple = ()  # the batches added so far, as cache keys
         self.history: list[tuple[list[EditRequest], torch.Tensor]] = []  # (requests, keys [n, d_key]) per edit()
 
     def __enter__(self) -> "MemoryMethod":
         self.mem = self.ed.attach(router=self.router, threshold=self.threshold)
         self.history = []
+        self._done = ()
         return self
 
     def __exit__(self, *exc) -> None:
         self.ed.detach()
 
     def edit(self, reqs: list[EditRequest]) -> list[str]:
-        key = (id(self.ed), self.ed.layer, self.ed.config.batch_size, tuple((r.prompt, r.subject, r.target_new, r.target_true) for r in reqs))
-        cached = self.edit_cache is not None and self.mem.n_facts == 0
-        edits = self.edit_cache.get(key) if cached else None
+        batch = tuple((r.prompt, r.subject, r.target_new, r.target_true) for r in reqs)
+        key = self._cache_key(batch)
+        edits = self.edit_cache.get(key) if key is not None else None
         if edits is None:
             edits = self.ed.compute(reqs)
-            if cached:
+            if key is not None:
                 self.edit_cache[key] = edits
         self.mem.add(edits.edit_ids, edits.keys, edits.residuals)
         self.history.append((reqs, edits.keys))
+        self._done += (batch,)
         return edits.edit_ids
+
+    def _cache_key(self, batch: tuple) -> tuple | None:
+        """The edit cache's key for `batch` on the memory as it is now; None when not caching."""
+        if self.edit_cache is None or self.mem.n_facts != sum(len(b) for b in self._done):
+            return None  # no cache, or rows this method did not add (never expected): compute
+        r = self.mem
+        model = None if not self._done else (tuple(sorted(r.router.config().items())), float(r.threshold),
+                                             r.query_adapter is not None)
+        return ("edits", id(self.ed), self.ed.layer, self.ed.config.batch_size, model, self._done, batch)
 
     def fit_robust_keys(self, negative_text: str, train_rephrases: int = TRAIN_REPHRASES, hp=None, seed: int = 0) -> dict:
         """Train a REP adapter (`editing.rep`) on every edit made so far and install it on the memory.

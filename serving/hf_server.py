@@ -14,7 +14,8 @@ admin endpoints exist only with a key. Bad requests get OpenAI-style `{"error": 
 A request chooses its memory with the model field `BASE:MEMORY` or the `x-kvedit-memory`
 header; the plain name gets the default memory (`serving.memory_set`). Each memory is followed
 by the same `serving.memory.MemoryFollower` as in vLLM workers; the watcher applies new
-versions itself under `routed.lock`. Requests are served one at a time: each holds the
+versions itself under `routed.lock` when idle, and each request applies what is staged before it
+starts, so a stream of requests cannot starve a version. Requests are served one at a time: each holds the
 generation lock, attaches its memory's routed layer and holds that memory's `routed.lock` for
 its whole generation, so it sees exactly one memory and version, the ones it reports. Admin
 switches take the generation lock too, so they happen between two requests.
@@ -140,6 +141,9 @@ class HFBackend:
         Yields the ServedVersion to report. Raises ApiError 404 for a memory not served here.
         """
         with self.lock:
+            # Versions staged while the last request ran are applied here, at the request boundary: the
+            # watcher's own apply competes for `routed.lock` with back-to-back requests and can starve.
+            self.memories.boundary()
             try:
                 chosen = self.memories.choose(memory)
             except UnknownMemoryError as exc:

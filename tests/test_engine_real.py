@@ -224,3 +224,37 @@ def test_robust_keys_are_committed_with_the_memory_and_served_from_it(smol, ten_
     finally:
         st.close()
         stop_embedded_redis(root)
+
+
+def test_edit_cache_reuses_a_batch_only_on_the_same_memory(smol, cf_valid, monkeypatch):
+    """Campaign cells share edit batches: a batch is reused when the memory it was computed on is
+    the same (router, threshold and earlier batches), and computed again otherwise."""
+    from editing.evaluate import open_method
+
+    a, b, c = cf_valid[20:23]
+    computed: list[str] = []
+    compute = smol.compute
+
+    def counting(reqs):
+        computed.extend(r.subject for r in reqs)
+        return compute(reqs)
+
+    monkeypatch.setattr(smol, "compute", counting)
+    cache: dict = {}
+
+    def run(threshold, reqs):
+        with open_method(smol, "cosine", threshold, None, cache) as m:
+            ids = [i for r in reqs for i in m.edit([r])]
+            return ids, torch.cat([k for _, k in m.history])
+
+    ids1, keys1 = run(0.5, [a, b])
+    assert computed == [a.subject, b.subject]
+    ids2, keys2 = run(0.5, [a, b, c])  # T = 3 after T = 2: only the new batch is computed
+    assert computed == [a.subject, b.subject, c.subject]
+    assert ids2[:2] == ids1 and torch.equal(keys2[:2], keys1)
+    run(0.9, [a, b])  # another threshold: the first batch (empty memory) is shared, the second is not
+    assert computed == [a.subject, b.subject, c.subject, b.subject]
+    run(0.5, [b, a])  # another order: b on an empty memory and a after b are both new
+    assert computed[4:] == [b.subject, a.subject]
+    run(0.9, [a, b])  # the same sequence again: nothing to compute
+    assert len(computed) == 6

@@ -102,10 +102,14 @@ class CampaignEvaluator:
                               long_context_text=text[40_000:60_000] if opts["long_context"] else None,
                               fluency_prompts=opts["fluency_prompts"], edit_cache=self._edit_cache())
 
-    def _edit_cache(self, keep: int = 4) -> dict:
-        """The shared first-batch edit cache, trimmed to the `keep` newest entries."""
-        for key in list(self.edit_cache)[:-keep] if len(self.edit_cache) > keep else []:
-            del self.edit_cache[key]
+    def _edit_cache(self, keep: int = 4, keep_batches: int = 1000) -> dict:
+        """The edit cache shared by this actor's cells (`editing.evaluate.run_sequential`), trimmed to the
+        `keep` newest unedited-model measurements (next-token logits: tens of MB each) and the
+        `keep_batches` newest edit batches (keys and residuals: about 8 KB per edit)."""
+        for kind, n in (("unedited", keep), ("edits", keep_batches)):
+            keys = [k for k in self.edit_cache if k[0] == kind]
+            for key in keys[:-n] if len(keys) > n else []:
+                del self.edit_cache[key]
         return self.edit_cache
 
     def _scale(self, ed, cell: dict) -> dict:
