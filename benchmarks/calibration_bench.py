@@ -4,9 +4,10 @@ One set of edits is computed on the unedited model and attached under each route
 measurements only the threshold buffer changes, so every point sees the same keys and residuals.
 The score is the mean of efficacy, generalization and specificity (`editing.evaluate`).
 
-Two calibrations are measured: with the records' paraphrases as positives (what a commit does
+Three calibrations are measured: with the records' paraphrases as positives (what a commit does
 when the records carry paraphrases; those are also the generalization prompts, so that variant
-is tuned on data the metric reads) and with the edit prompts alone (nothing the metrics read).
+is tuned on data the metric reads), and with the edit prompts alone (nothing the metrics read),
+placed at the widest margin (`CalibrationConfig.placement` 0.5) and at the rate bound (0).
 The sweep's best point is chosen on the metrics themselves, an oracle no deployment has.
 """
 
@@ -43,13 +44,15 @@ def _edits(ed, reqs, edits_dir: str | None):
 
 
 def bench_calibration(model: str = "smollm2-135m", n_edits: int = 100, layer: int = 6,
-                      routers: tuple[str, ...] = ("cosine", "whitened"), edits_dir: str | None = None) -> dict:
+                      routers: tuple[str, ...] = ("cosine", "whitened"), edits_dir: str | None = None,
+                      sweep: dict | None = None) -> dict:
     """Per router: metrics at each fixed threshold of `SWEEP` and at the calibrated thresholds.
 
     edits_dir: reuse edits written by `kvedit edit run counterfact_valid.json --limit N --out DIR`.
+    sweep: fixed thresholds per router instead of `SWEEP` (e.g. only a sweep's best points, re-measured).
     """
     from editing import Editor, load_records
-    from editing.calibrate import calibrate, fact_prompts
+    from editing.calibrate import CalibrationConfig, calibrate, fact_prompts
     from editing.data import data_file
 
     ed = Editor.load(model, layer=layer)
@@ -62,9 +65,12 @@ def bench_calibration(model: str = "smollm2-135m", n_edits: int = 100, layer: in
     for name in routers:
         mem = ed.attach(table, router=name)
         with_paraphrases = calibrate(ed, mem, fact_prompts(edit_ids, reqs))
-        prompts_only = calibrate(ed, mem, [(e, r.subject, r.prompt) for e, r in zip(edit_ids, reqs)])
-        points = [("fixed", t) for t in SWEEP[name]]
-        points += [("calibrated", with_paraphrases.threshold), ("calibrated, prompts only", prompts_only.threshold)]
+        prompt_facts = [(e, r.subject, r.prompt) for e, r in zip(edit_ids, reqs)]
+        prompts_only = calibrate(ed, mem, prompt_facts)
+        at_rate = calibrate(ed, mem, prompt_facts, CalibrationConfig(placement=0.0))
+        points = [("fixed", t) for t in (sweep or SWEEP)[name]]
+        points += [("calibrated", with_paraphrases.threshold), ("calibrated, prompts only", prompts_only.threshold),
+                   ("calibrated, prompts only, at the rate bound", at_rate.threshold)]
         rows = []
         for label, thr in points:
             mem.threshold.fill_(thr)
@@ -72,12 +78,15 @@ def bench_calibration(model: str = "smollm2-135m", n_edits: int = 100, layer: in
             print(json.dumps({"router": name, **rows[-1]}), file=sys.stderr, flush=True)  # progress: a long run
         ed.detach()
         best = max((r for r in rows if r["label"] == "fixed"), key=lambda r: r["average"])
-        cal, bare = rows[-2], rows[-1]
+        cal, bare, loose = rows[-3], rows[-2], rows[-1]
         out["routers"][name] = {
             "points": rows, "best_fixed": best, "calibrated": cal, "calibrated_prompts_only": bare,
             "delta_vs_best_fixed": round(cal["average"] - best["average"], 4),
             "delta_prompts_only_vs_best_fixed": round(bare["average"] - best["average"], 4),
+            "calibrated_at_rate_bound": loose,
+            "delta_at_rate_bound_vs_best_fixed": round(loose["average"] - best["average"], 4),
             "calibration": with_paraphrases.to_dict(), "calibration_prompts_only": prompts_only.to_dict(),
+            "calibration_at_rate_bound": at_rate.to_dict(),
         }
     out["calibrated_matches_best_fixed"] = all(r["delta_vs_best_fixed"] >= 0 for r in out["routers"].values())
     out["seconds"] = round(time.perf_counter() - t0, 1)

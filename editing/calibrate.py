@@ -12,7 +12,9 @@ implementation of routing) against the memory's stored rows: best row and gate s
 
 Objective: the largest positive recall subject to a false-gate rate (share of negatives whose
 best gate score passes the threshold) of at most `target_rate`; among the thresholds reaching it,
-the midpoint between the highest allowed negative and the next positive (the widest margin).
+the point `placement` of the way from the highest allowed negative (0: the loosest threshold that
+meets the rate, best for unseen prompts of a fact, which score below its own prompt) to the next
+positive (1); 0.5, the default, is the widest margin.
 When that recall is below `min_recall` the positives and negatives overlap too much for the
 rate target, and the threshold maximising balanced accuracy (TPR + TNR) / 2 is used instead.
 
@@ -52,6 +54,8 @@ class CalibrationConfig:
         editor's C0 tokens, `EditConfig.stats_tokens`); rounded up to a chunk boundary.
     max_edits: edits whose prompts are used as positives (a seeded sample beyond that).
     seed: seed of that sample.
+    placement: where the threshold sits between the highest allowed negative (0) and the next
+        positive (1) when the rate target is met.
     """
 
     target_rate: float = 1e-3
@@ -60,12 +64,15 @@ class CalibrationConfig:
     negative_offset: int | None = None
     max_edits: int = 1024
     seed: int = 0
+    placement: float = 0.5
 
     def __post_init__(self):
         if not 0.0 < self.target_rate < 1.0:
             raise ValueError(f"calibration target_rate must be in (0, 1), got {self.target_rate}")
         if not 0.0 <= self.min_recall <= 1.0:
             raise ValueError(f"calibration min_recall must be in [0, 1], got {self.min_recall}")
+        if not 0.0 <= self.placement <= 1.0:
+            raise ValueError(f"calibration placement must be in [0, 1], got {self.placement}")
         if self.negative_tokens < 1 or self.max_edits < 1:
             raise ValueError("calibration negative_tokens and max_edits must be >= 1")
 
@@ -202,11 +209,12 @@ def _rate(scores: torch.Tensor, threshold: float) -> float:
 
 
 def choose_threshold(pos: torch.Tensor, neg: torch.Tensor, target_rate: float = 1e-3,
-                     min_recall: float = 0.5) -> tuple[float, str]:
+                     min_recall: float = 0.5, placement: float = 0.5) -> tuple[float, str]:
     """The threshold of the module's objective.
 
     pos: [P] gate scores of positives on their own row (-inf where another row was best).
     neg: [N] best gate scores of negatives (N >= 1). The gate is `score > threshold`.
+    placement: 0 = the highest allowed negative, 1 = the next positive above it.
     Returns (threshold, objective name).
     """
     if neg.numel() == 0:
@@ -218,7 +226,7 @@ def choose_threshold(pos: torch.Tensor, neg: torch.Tensor, target_rate: float = 
     above = hits[hits > lo]
     if pos.numel() == 0 or (above.numel() / pos.numel() >= min_recall and above.numel()):
         hi = float(above.min()) if above.numel() else lo
-        return (lo + hi) / 2, "recall_at_rate"
+        return lo + placement * (hi - lo), "recall_at_rate"
     cand = torch.cat([hits, neg]).unique()  # ascending
     pos_sorted, neg_sorted = hits.sort().values, neg.sort().values
     tp = hits.numel() - torch.searchsorted(pos_sorted, cand, right=True)
@@ -253,7 +261,7 @@ def calibrate(ed, routed: RoutedFFN, facts: list[tuple[str, str, str]], config: 
     _, wiki_score = route_scores(routed, wiki_neg)
     _, prompt_score = route_scores(routed, prompt_neg)
     neg = torch.cat([wiki_score, prompt_score])
-    thr, objective = choose_threshold(pos, neg, cfg.target_rate, cfg.min_recall)
+    thr, objective = choose_threshold(pos, neg, cfg.target_rate, cfg.min_recall, cfg.placement)
     return Calibration(
         threshold=thr, objective=objective, false_gate_rate=_rate(neg, thr), recall=_rate(pos, thr),
         wikitext_false_gate_rate=_rate(wiki_score, thr),

@@ -21,7 +21,12 @@ def test_threshold_objective_on_known_scores():
     assert objective == "recall_at_rate"
     assert float((neg > thr).float().mean()) <= 0.01
     assert (pos > thr).sum() == 3 and thr < 0.7, thr  # every correctly routed positive fires
-    assert thr == pytest.approx((float(neg.sort(descending=True).values[10]) + 0.7) / 2)  # widest margin
+    lo = float(neg.sort(descending=True).values[10])  # the highest negative the rate allows
+    assert thr == pytest.approx((lo + 0.7) / 2)  # default placement: the widest margin
+    loose, _ = choose_threshold(pos, neg, target_rate=0.01, min_recall=0.5, placement=0.0)
+    assert loose == pytest.approx(lo) and float((neg > loose).float().mean()) <= 0.01  # the rate bound itself
+    tight, _ = choose_threshold(pos, neg, target_rate=0.01, min_recall=0.5, placement=1.0)
+    assert tight == pytest.approx(0.7) and (pos > tight).sum() == 2  # at the next positive, which then misses
 
     overlap = torch.tensor([0.3, 0.35, 0.4, 0.45])  # inside the negatives: the rate target leaves no recall
     thr, objective = choose_threshold(overlap, neg, target_rate=0.01, min_recall=0.5)
