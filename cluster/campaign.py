@@ -99,8 +99,14 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        """Deterministic id from everything that determines the cell's numbers (not the campaign name)."""
+        """Deterministic id from everything that determines the cell's numbers (not the campaign name),
+        including the model's resolved edit settings, so a change of the shipped defaults
+        (`editing/hparams/`, `EditConfig`) makes earlier results of the grid point stale, not reused."""
+        from editing import EditConfig
+
         key = {k: v for k, v in asdict(self).items() if k != "campaign"}
+        overrides = {**self.options.get("edit_config", {}), "layer": self.layer, "seed": self.seed}
+        key["edit_settings"] = EditConfig.for_model(self.model, **overrides).to_dict()
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.method}-T{self.T}-{digest}"
 

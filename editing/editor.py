@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from editing.adapters import get_adapter
-from editing.keys import compute_keys
+from editing.keys import compute_keys, context_weights
 from editing.metrics import greedy_generate, new_beats_true
 from editing.models import cache_dir, fingerprint, load_model
 from editing.prompts import check_request, sample_context_templates
@@ -43,6 +43,9 @@ class EditConfig:
     threshold: float | None = None
     n_contexts: int = 5
     context_length: int = 10
+    # Weight of the unprefixed prompt "{}" in the key average (the prefixes share the rest); None:
+    # a plain mean over the 1 + n_contexts templates, as ROME. See editing/keys.py.
+    unprefixed_weight: float | None = 0.5
     seed: int = 0
     max_target_tokens: int = 16
     batch_size: int = 32
@@ -64,6 +67,11 @@ class EditConfig:
             raise ValueError(f"unknown edit settings: {sorted(unknown)}")
         vh = values if isinstance(values, ValueHparams) else ValueHparams(**values)
         return cls(**data, values=vh)
+
+    def __post_init__(self):
+        w = self.unprefixed_weight
+        if w is not None and not (isinstance(w, (int, float)) and 0.0 <= w <= 1.0):
+            raise ValueError(f"edit setting unprefixed_weight must be null or in [0, 1], got {w!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +126,13 @@ class Editor:
             self._templates = sample_context_templates(self.model, self.tok, c.n_contexts, c.context_length, c.seed)
         return self._templates
 
+    def keys(self, requests: list[EditRequest], layer: int | None = None) -> torch.Tensor:
+        """The requests' keys at `layer` (default: the edit layer): context-averaged with the
+        configured weights (`editing.keys`). Returns [n, d_key] float32 on the model's device."""
+        weights = context_weights(self.templates, self.config.unprefixed_weight)
+        return compute_keys(self.model, self.tok, self.adapter, self.layer if layer is None else layer, requests,
+                            self.templates, weights=weights)
+
     # ------------------------------------------------------------------ computing edits
     def validate(self, requests: list[EditRequest]) -> None:
         """Raise `EditRecordError` for the first bad record of the batch (nothing is computed)."""
@@ -143,7 +158,7 @@ class Editor:
         bs = self.config.batch_size
         for i in range(0, len(requests), bs):
             chunk = requests[i: i + bs]
-            keys.append(compute_keys(self.model, self.tok, self.adapter, self.layer, chunk, self.templates))
+            keys.append(self.keys(chunk))
             r = optimise_residuals(self.model, self.tok, self.adapter, self.layer, chunk, self.templates, self.config.values)
             res.append(r.residuals)
             loss += r.loss.tolist()

@@ -158,7 +158,7 @@ def scale_memory(ed, requests: list[EditRequest], router: str | None = None, thr
             progress(k)
     for i in range(k, len(requests), key_batch):
         chunk = requests[i: i + key_batch]
-        keys = compute_keys(ed.model, ed.tok, ed.adapter, ed.layer, chunk, ed.templates).cpu()  # [b, d_key]
+        keys = ed.keys(chunk).cpu()  # [b, d_key]
         mem.add(ids[i: i + len(chunk)], keys, torch.zeros(len(chunk), ed.adapter.d_model))
         if progress:
             progress(len(chunk))

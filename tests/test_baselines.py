@@ -126,18 +126,16 @@ def test_in_place_edit_succeeds_on_a_copy_and_the_base_model_comes_back_bit_iden
 
 @pytest.mark.slow
 def test_alphaedit_edits_and_a_second_edit_leaves_the_first_edits_keys_alone(smol, probe):
-    from editing.keys import compute_keys
-
     first, second = probe["recs"]
     with make_baseline("alphaedit", smol, stats_tokens=STATS_TOKENS, layers=RANGE) as m:
         m.edit([first])
         assert efficacy(m, [first]) == 1.0
         assert all(torch.equal(p, probe["values"][layer]) for layer, p in probe["params"].items())
-        keys1 = {layer: compute_keys(smol.model, smol.tok, smol.adapter, layer, [first], smol.templates)[0]
+        keys1 = {layer: smol.keys([first], layer)[0]
                  for layer in m.layers}
         after1 = {layer: m.weight(layer).detach().clone() for layer in m.layers}
         m.edit([second])
-        keys2 = {layer: compute_keys(smol.model, smol.tok, smol.adapter, layer, [second], smol.templates)[0]
+        keys2 = {layer: smol.keys([second], layer)[0]
                  for layer in m.layers}
         for layer in m.layers:
             delta2 = m.weight(layer) - after1[layer]

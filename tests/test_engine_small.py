@@ -39,6 +39,32 @@ def test_adapter_key_is_down_projection_input(family, tokenizer):
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
 
+def test_key_weights_the_unprefixed_prompt(tokenizer):
+    from editing.keys import context_weights
+
+    model = build_tiny("llama")
+    ad = get_adapter(model)
+    per = torch.stack([compute_keys(model, tokenizer, ad, 1, REQS, [t]) for t in TEMPLATES], 1)  # [n, C, d]
+    torch.testing.assert_close(compute_keys(model, tokenizer, ad, 1, REQS, TEMPLATES), per.mean(1))  # ROME's mean
+    w = context_weights(TEMPLATES, 0.5)
+    assert w.tolist() == [0.5, 0.25, 0.25]
+    torch.testing.assert_close(compute_keys(model, tokenizer, ad, 1, REQS, TEMPLATES, weights=w),
+                               0.5 * per[:, 0] + 0.5 * per[:, 1:].mean(1))
+    bare = compute_keys(model, tokenizer, ad, 1, REQS, TEMPLATES, weights=context_weights(TEMPLATES, 1.0))
+    torch.testing.assert_close(bare, per[:, 0])
+    assert context_weights(TEMPLATES, None) is None and context_weights(["{}"], 0.5) is None
+    with pytest.raises(ValueError, match="unprefixed_weight"):
+        context_weights(TEMPLATES, 1.5)
+
+
+def test_edit_config_rejects_a_bad_unprefixed_weight():
+    from editing.editor import EditConfig
+
+    with pytest.raises(ValueError, match="unprefixed_weight"):
+        EditConfig(unprefixed_weight=-0.1)
+    assert EditConfig.for_model("smollm2-135m").unprefixed_weight == 0.5
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_routed_layer_empty_is_bit_identical_and_edit_routes(family, tokenizer):
     model = build_tiny(family)

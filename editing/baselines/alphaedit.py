@@ -19,7 +19,6 @@ import torch
 
 from editing.baselines.base import register_baseline
 from editing.baselines.memit import Memit
-from editing.keys import compute_keys
 
 
 @dataclass
@@ -67,7 +66,7 @@ class AlphaEdit(Memit):
     def _after_batch(self, requests) -> None:
         ed = self.ed
         for layer in self.layers:
-            k = compute_keys(ed.model, ed.tok, ed.adapter, layer, requests, ed.templates).double()
+            k = ed.keys(requests, layer).double()
             self.kept[layer] += (k.T @ k).to(self.kept[layer])
 
     def describe(self) -> dict:

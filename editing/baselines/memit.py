@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from editing.baselines.base import WeightEditor, register_baseline, subject_outputs
-from editing.keys import compute_keys
 from editing.values import optimise_residuals
 
 
@@ -60,7 +59,7 @@ class Memit(WeightEditor):
         res = optimise_residuals(ed.model, ed.tok, ed.adapter, top, requests, ed.templates, ed.config.values)
         z = subject_outputs(ed.model, ed.tok, ed.adapter, top, requests) + res.residuals  # [n, d_model]
         for i, layer in enumerate(layers):
-            keys = compute_keys(ed.model, ed.tok, ed.adapter, layer, requests, ed.templates)  # [n, d_key]
+            keys = ed.keys(requests, layer)  # [n, d_key]
             h = subject_outputs(ed.model, ed.tok, ed.adapter, top, requests)
             resid = (z - h) / (len(layers) - i)
             self.add_delta(layer, self.layer_update(layer, keys, resid))

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from editing.baselines.base import WeightEditor, register_baseline
-from editing.keys import compute_keys
 from editing.values import optimise_residuals
 
 
@@ -47,7 +46,7 @@ class Rome(WeightEditor):
 
     def _edit(self, requests, edit_ids) -> None:
         ed, (layer,) = self.ed, self.layers
-        keys = compute_keys(ed.model, ed.tok, ed.adapter, layer, requests, ed.templates)  # [n, d_key]
+        keys = ed.keys(requests, layer)  # [n, d_key]
         res = optimise_residuals(ed.model, ed.tok, ed.adapter, layer, requests, ed.templates, ed.config.values)
         w = self.weight(layer)
         targets = keys.double() @ w.double().T + res.residuals.double()  # v* [n, d_model]
