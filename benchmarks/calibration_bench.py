@@ -30,8 +30,10 @@ def _metrics(ed, reqs) -> dict:
 
 
 def _edits(ed, reqs, edits_dir: str | None):
-    """The edits of `reqs`: computed, or read from `kvedit edit run --out DIR` output of the same records."""
-    from editing.table import make_edit_id, read_edit_table
+    """The edits of `reqs`: computed, or the residuals of `kvedit edit run --out DIR` output of the
+    same records with keys recomputed by the current `Editor.keys` (seconds; a residual does not
+    depend on its key, so key settings can change without re-optimising)."""
+    from editing.table import build_edit_table, make_edit_id, read_edit_table, table_tensors
 
     if edits_dir is None:
         return ed.compute(reqs).table
@@ -40,7 +42,8 @@ def _edits(ed, reqs, edits_dir: str | None):
     want = [make_edit_id(spec.model_fingerprint, spec.layer, r.subject, r.prompt, r.target_new) for r in reqs]
     if table.column("edit_id").to_pylist() != want:
         raise ValueError(f"{edits_dir}: its edits are not those of the first {len(reqs)} records of counterfact_valid.json")
-    return table
+    ids, _, residuals = table_tensors(table, spec)
+    return build_edit_table(spec, reqs, ed.keys(reqs).cpu(), residuals, edit_ids=ids)
 
 
 def bench_calibration(model: str = "smollm2-135m", n_edits: int = 100, layer: int = 6,
