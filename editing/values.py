@@ -195,13 +195,45 @@ class _Group:
         self.seq_edit = batch.seq_edit[seqs]
 
 
-def _groups(batch: RewriteBatch, pad_id: int, n_groups: int = 3) -> list[_Group]:
-    """Split the sequences into up to `n_groups` groups of similar needed suffix length."""
+def _partition(need: list[int], n_groups: int) -> list[int]:
+    """Cut points of the sorted suffix lengths `need` into at most `n_groups` contiguous groups
+    minimising the padded suffix area sum(len(group) * max(group)) (exact dynamic programme).
+
+    Returns the end index of each group, e.g. [75, 150, 224].
+    """
+    n = len(need)
+    k = max(1, min(n_groups, n))
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    cost[0][0] = 0
+    for g in range(1, k + 1):
+        for j in range(1, n + 1):
+            for i in range(g - 1, j):  # group g holds need[i:j]; its width is need[j - 1]
+                c = cost[g - 1][i] + (j - i) * need[j - 1]
+                if c < cost[g][j]:
+                    cost[g][j], cut[g][j] = c, i
+    g = min(range(1, k + 1), key=lambda g: (cost[g][n], g))  # fewest groups among the cheapest
+    ends, j = [], n
+    while g > 0:
+        ends.append(j)
+        j, g = cut[g][j], g - 1
+    return ends[::-1]
+
+
+def _groups(batch: RewriteBatch, pad_id: int, n_groups: int = 4) -> list[_Group]:
+    """Split the sequences into up to `n_groups` groups of similar needed suffix length, choosing
+    the cut points that minimise the padded suffix area (`_partition`).
+
+    On the value-opt benchmark batch (32 edits, 224 sequences) the area is 1568 suffix positions
+    with one group, 1043 with three equal-sized groups and 868 with four optimal ones.
+    """
     S = batch.input_ids.shape[0]
     need = torch.zeros(S, dtype=torch.long, device=batch.input_ids.device)
     need.scatter_reduce_(0, batch.read_seq, batch.read_pos - batch.lookup[batch.read_seq] + 1, "amax")
     order = torch.argsort(need, stable=True)
-    chunks = [c for c in torch.tensor_split(order, min(n_groups, S)) if len(c)]
+    ends = _partition(need[order].tolist(), n_groups)
+    chunks = [order[i:j] for i, j in zip([0] + ends[:-1], ends)]
     groups = []
     for seqs in chunks:
         seqs = torch.sort(seqs).values
@@ -226,7 +258,7 @@ def _set_cache_kv(cache, layer: int, kv) -> None:
 
 
 def optimise_residuals(model, tok, adapter: ArchAdapter, layer: int, requests, templates: list[str],
-                       hp: ValueHparams | None = None, n_groups: int = 3) -> ValueResult:
+                       hp: ValueHparams | None = None, n_groups: int = 4) -> ValueResult:
     """Batched, truncated optimisation of every request's residual (see module doc and `_Group`).
 
     Returns residuals [n, d_model] equal (up to float noise) to `optimise_residuals_reference`.

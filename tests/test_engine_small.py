@@ -13,7 +13,7 @@ from editing.prompts import encode
 from editing.records import EditRequest
 from editing.routed import RoutedFFN, attach, detach
 from editing.routers import make_router
-from editing.values import ValueHparams, optimise_residuals, optimise_residuals_reference
+from editing.values import ValueHparams, _partition, optimise_residuals, optimise_residuals_reference
 
 REQS = [
     EditRequest(subject="Danielle Darrieux", prompt="The mother tongue of Danielle Darrieux is", target_new="English", target_true="French"),
@@ -111,6 +111,24 @@ def test_optimiser_early_stop_and_clamp_match(tokenizer):
     ref = optimise_residuals_reference(model, tokenizer, ad, 2, REQS, TEMPLATES, hp)
     assert fast.steps == ref.steps
     torch.testing.assert_close(fast.residuals, ref.residuals, rtol=0, atol=1e-3)
+
+
+def test_suffix_groups_minimise_the_padded_area():
+    import itertools
+    import random
+
+    def area(need, ends):
+        return sum((j - i) * need[j - 1] for i, j in zip([0] + ends[:-1], ends))
+
+    rng = random.Random(0)
+    for _ in range(30):
+        need = sorted(rng.randint(1, 9) for _ in range(rng.randint(1, 9)))
+        k = rng.randint(1, 4)
+        ends = _partition(need, k)
+        assert ends[-1] == len(need) and len(ends) <= k and ends == sorted(set(ends))
+        best = min(area(need, list(c) + [len(need)])
+                   for g in range(min(k, len(need))) for c in itertools.combinations(range(1, len(need)), g))
+        assert area(need, ends) == best
 
 
 def test_unsupported_family_is_refused():
