@@ -74,6 +74,37 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
+ROBUST_SUFFIX = "+rep"
+CALIBRATED_SUFFIX = "+cal"
+
+
+def method_variant(method: str) -> tuple[str, bool, bool]:
+    """A campaign method name -> (method, robust keys, calibrated gate).
+
+    "cosine+rep" is the cosine memory with a REP robust-key adapter trained on its edits
+    (`run_sequential(robust_keys=True)`); "cosine+cal" re-chooses its gate threshold after every
+    batch (`run_sequential(calibration=...)`, at the false-gate-rate bound: `CALIBRATION`); the
+    suffixes combine ("cosine+rep+cal"). Only the memory's routers take them.
+    """
+    from editing.evaluate import known_methods
+    from editing.routers import ROUTERS
+
+    base, *suffixes = method.split("+")
+    bad = [s for s in suffixes if "+" + s not in (ROBUST_SUFFIX, CALIBRATED_SUFFIX)]
+    if base not in known_methods() or bad or len(set(suffixes)) != len(suffixes):
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(known_methods())}, and a router with "
+                         f"{ROBUST_SUFFIX} and/or {CALIBRATED_SUFFIX}")
+    if suffixes and base not in ROUTERS:
+        raise ValueError(f"method {method!r}: the suffixes {ROBUST_SUFFIX} and {CALIBRATED_SUFFIX} are for the "
+                         f"memory's routers ({', '.join(sorted(ROUTERS))}), not for {base!r}")
+    return base, "rep" in suffixes, "cal" in suffixes
+
+
+# The calibrated gate of "+cal" cells: the threshold at the false-gate-rate bound (placement 0), the
+# candidate default of benchmarks/RESULTS.md ("calibrated gates with the new keys").
+CALIBRATION = {"placement": 0.0}
+
+
 class CampaignSpecError(ValueError):
     """A bad campaign file. Names the file and the offending field."""
 
@@ -233,6 +264,14 @@ def parse_campaign(data: Any, source: str | None = None) -> CampaignSpec:
         common = _list(thr_raw, "grid.threshold", source, _is_threshold, "a number or null")
         thresholds = {m: common for m in methods}
     thresholds = {m: [None if v is None else float(v) for v in vs] for m, vs in thresholds.items()}
+    for i, m in enumerate(methods):
+        try:
+            calibrated = method_variant(m)[2]
+        except ValueError as exc:
+            raise CampaignSpecError(f"grid.method[{i}]", str(exc), source) from exc
+        if calibrated and any(v is not None for v in thresholds[m]):
+            raise CampaignSpecError(f"grid.threshold.{m}", "a calibrated method chooses its own threshold: give null",
+                                    source)
     layers = _list(grid.get("layer", [None]), "grid.layer", source, lambda v: v is None or (_is_int(v) and v >= 0),
                    "a layer index >= 0 or null")
     ts = _list(grid["T"], "grid.T", source, lambda v: _is_int(v) and v >= 1, "a number of edits >= 1")

@@ -243,6 +243,9 @@ def eval_cmd(
     seed: int = typer.Option(0),
     robust_keys: bool = typer.Option(False, "--robust-keys", help="train a REP robust-key adapter on the edits "
                                      "(memory routers only); adds subject_rephrase_in_domain / _out_of_domain"),
+    calibrate: bool = typer.Option(False, "--calibrate", help="re-choose the gate threshold after every batch "
+                                   "(editing.calibrate, at the false-gate-rate bound; memory routers only); adds "
+                                   "calibration and false_gate_rate"),
     model: str = typer.Option("smollm2-135m"),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -250,6 +253,8 @@ def eval_cmd(
     _setup_logging()
     from editing import Editor, EditRecordError, load_records
     from editing.data import data_file
+    from cluster.campaign import CALIBRATION
+    from editing.calibrate import CalibrationConfig
     from editing.evaluate import known_methods, run_sequential
     from editing.routers import ROUTERS
     from editing.stats import corpus_half, default_corpus_path
@@ -261,6 +266,9 @@ def eval_cmd(
         fail(f"method {method!r} edits weights and has no --threshold")
     if robust_keys and not is_router:
         fail(f"--robust-keys adapts the memory's routing; method {method!r} has no memory")
+    if calibrate and (not is_router or threshold is not None):
+        fail(f"--calibrate chooses a memory router's threshold: it needs a router and no --threshold "
+             f"(got method {method!r}, threshold {threshold})")
     try:
         records = load_records(data_file(data), limit=edits, offset=offset)
         editor = Editor.load(model, layer=layer, router=method if is_router else None,
@@ -275,7 +283,8 @@ def eval_cmd(
             task = prog.add_task("editing", total=len(records))
             result = run_sequential(editor, records, batch, router=method, threshold=threshold,
                                     perplexity_text=held_out[:40_000], long_context_text=held_out[40_000:60_000],
-                                    progress=lambda n: prog.advance(task, n), robust_keys=robust_keys)
+                                    progress=lambda n: prog.advance(task, n), robust_keys=robust_keys,
+                                    calibration=CalibrationConfig(**CALIBRATION) if calibrate else None)
     except EditRecordError as exc:
         fail(str(exc))
     result = {"method": method, "data": data, **result}

@@ -203,9 +203,17 @@ class MemoryMethod(EditMethod):
 
     can_delete = True
 
-    def __init__(self, ed, router: str | None = None, threshold: float | None = None, edit_cache: dict | None = None):
+    def __init__(self, ed, router: str | None = None, threshold: float | None = None, edit_cache: dict | None = None,
+                 calibration=None):
         super().__init__(ed)
+        if calibration is not None and threshold is not None:
+            raise ValueError(f"a calibrated gate chooses its own threshold (got threshold={threshold})")
         self.router, self.threshold = router, threshold
+        # A `CalibrationConfig`: after every batch the threshold is re-chosen (`editing.calibrate`) on
+        # the edit prompts of every row so far, as a calibrated memory does at every commit. Deleting
+        # rows keeps the threshold, as a delete commit does.
+        self.calibration = calibration
+        self.last_calibration = None
         self.mem = None
         # An edit batch depends only on the Editor, the batch and the model it is computed on. The
         # memory's model is fixed by its router, threshold and the batches already added, so a batch
@@ -221,6 +229,8 @@ class MemoryMethod(EditMethod):
         self.mem = self.ed.attach(router=self.router, threshold=self.threshold)
         self.history = []
         self._done = ()
+        self._ids: list[str] = []
+        self.last_calibration = None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -237,7 +247,21 @@ class MemoryMethod(EditMethod):
         self.mem.add(edits.edit_ids, edits.keys, edits.residuals)
         self.history.append((reqs, edits.keys))
         self._done += (batch,)
+        self._ids += list(edits.edit_ids)
+        if self.calibration is not None:
+            self.recalibrate()
         return edits.edit_ids
+
+    def recalibrate(self) -> None:
+        """Re-choose the gate threshold for the rows so far (positives: each edit's own prompt)."""
+        from editing.calibrate import calibrate
+
+        reqs = [r for chunk, _ in self.history for r in chunk]
+        facts = [(eid, r.subject, r.prompt) for eid, r in zip(self._ids, reqs)]
+        cal = calibrate(self.ed, self.mem, facts, self.calibration)
+        if cal is not None:
+            self.mem.threshold.fill_(cal.threshold)
+            self.last_calibration = cal
 
     def _cache_key(self, batch: tuple) -> tuple | None:
         """The edit cache's key for `batch` on the memory as it is now; None when not caching."""
@@ -279,21 +303,28 @@ class MemoryMethod(EditMethod):
             self.mem.enabled.fill_(True)
 
     def describe(self) -> dict:
-        return {"router": self.mem.router.name, "threshold": float(self.mem.threshold), "layer": self.ed.layer}
+        out = {"router": self.mem.router.name, "threshold": float(self.mem.threshold), "layer": self.ed.layer}
+        if self.calibration is not None:
+            cal = self.last_calibration
+            out["calibration"] = cal.to_dict() if cal else None
+            out["false_gate_rate"] = cal.false_gate_rate if cal else None
+        return out
 
 
 def open_method(ed, name: str | None = None, threshold: float | None = None, settings: dict | None = None,
-                edit_cache: dict | None = None):
+                edit_cache: dict | None = None, calibration=None):
     """A router name (or None: the Editor's router) gives the memory; a baseline name gives the baseline.
 
     `threshold` is the gate threshold of a router, or scr's `min_similarity`; the in-place
     editors have none and refuse one. `settings` override a baseline's settings.
-    `edit_cache`: see `MemoryMethod` (memory methods only).
+    `edit_cache`, `calibration` (a `CalibrationConfig`): see `MemoryMethod` (memory methods only).
     """
     if name is None or name in ROUTERS:
         if settings:
             raise ValueError(f"settings {sorted(settings)} apply to baselines, not to the router {name!r}")
-        return MemoryMethod(ed, name, threshold, edit_cache)
+        return MemoryMethod(ed, name, threshold, edit_cache, calibration)
+    if calibration is not None:
+        raise ValueError(f"calibrated gates belong to the memory's routers; method {name!r} has none")
     if name not in BASELINES:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(known_methods()))}")
     settings = dict(settings or {})
@@ -315,7 +346,7 @@ def _describe_baseline(method) -> dict:
 def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None = None, threshold: float | None = None,
                    perplexity_text: str | None = None, long_context_text: str | None = None, fluency_prompts: int = 20,
                    progress=None, settings: dict | None = None, edit_cache: dict | None = None,
-                   robust_keys: bool = False, robust_keys_text: str | None = None) -> dict:
+                   robust_keys: bool = False, robust_keys_text: str | None = None, calibration=None) -> dict:
     """Sequential editing: apply the edits in batches of `batch` (each computed on the model with
     the earlier edits applied), then evaluate all of them at the end.
 
@@ -333,12 +364,14 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
     memory methods only) on negatives from `robust_keys_text` (default: the first, statistics
     half of WikiText), and report `subject_rephrase_in_domain` / `_out_of_domain` (rephrasings
     seen / not seen in training) beside `subject_rephrase`.
+    `calibration`: a `CalibrationConfig` (memory methods only): the gate threshold is re-chosen after
+    every batch (`MemoryMethod`); the output adds the last `calibration` and its `false_gate_rate`.
     Returns the `kvedit eval` JSON fields (robustness fields only where the data has them).
     """
     import time
 
     t0 = time.perf_counter()
-    method = open_method(ed, router, threshold, settings, edit_cache)
+    method = open_method(ed, router, threshold, settings, edit_cache, calibration)
     if robust_keys and not isinstance(method, MemoryMethod):
         raise ValueError(f"robust keys adapt the memory's routing; method {router!r} has no memory")
     ed.detach()

@@ -103,3 +103,29 @@ def test_commit_recalibrates_and_memory_show_reports_it(smol, edits, tmp_path):
                     ("false_gate_rate", "recall", "target_rate", "objective")}}
     res = CliRunner().invoke(memory_app, ["show", "facts", "--store", root])
     assert "false-gate rate (est.)" in res.output and "calibrated" in res.output
+
+
+def test_sequential_eval_recalibrates_after_every_batch(smol, cf_valid):
+    """`kvedit eval --calibrate` / campaign "+cal": each batch re-chooses the threshold on every row so far."""
+    from editing import EditConfig, Editor
+    from editing.evaluate import MemoryMethod
+
+    ed = Editor(smol.model, smol.tok, EditConfig.for_model("smollm2-135m", values={"steps": 2}), model_name="smollm2-135m")
+    ed._templates = smol.templates
+    cfg = CalibrationConfig(**CONFIG, placement=0.0)
+    recs = cf_valid[:4]
+    with MemoryMethod(ed, "cosine", calibration=cfg) as m:
+        ids = m.edit(recs[:2])
+        first = m.last_calibration
+        assert first.n_edits == 2 and float(m.mem.threshold) == pytest.approx(first.threshold)
+        ids += m.edit(recs[2:])
+        cal = m.last_calibration
+        assert cal.n_edits == 4 and float(m.mem.threshold) == pytest.approx(cal.threshold)
+        # the same choice as calibrating the finished memory on its edit prompts, within the rate bound
+        again = calibrate(ed, m.mem, [(e, r.subject, r.prompt) for e, r in zip(ids, recs)], cfg)
+        assert again.threshold == cal.threshold and cal.false_gate_rate <= cfg.target_rate
+        assert m.describe()["false_gate_rate"] == cal.false_gate_rate
+        m.delete(ids[::2])  # a delete keeps the threshold, as a delete commit does
+        assert float(m.mem.threshold) == pytest.approx(cal.threshold)
+    with pytest.raises(ValueError, match="chooses its own threshold"):
+        MemoryMethod(ed, "cosine", threshold=0.5, calibration=cfg)

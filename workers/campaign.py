@@ -17,17 +17,6 @@ def trim_eval_prompts(req, n: int):
                    locality_answers=req.locality_answers[:n], subject_rephrases=req.subject_rephrases[:n])
 
 
-ROBUST_SUFFIX = "+rep"
-
-
-def robust_method(method: str) -> tuple[str, bool]:
-    """A campaign method name -> (method, robust keys): "cosine+rep" is the cosine memory with a
-    REP robust-key adapter trained on its edits (`run_sequential(robust_keys=True)`)."""
-    if method.endswith(ROBUST_SUFFIX):
-        return method[: -len(ROBUST_SUFFIX)], True
-    return method, False
-
-
 class CampaignEvaluator:
     """Loads each model once and keeps one `Editor` per (layer, seed, edit settings), reused across cells.
 
@@ -96,8 +85,12 @@ class CampaignEvaluator:
         if opts["eval_prompts"]:
             records = [trim_eval_prompts(r, opts["eval_prompts"]) for r in records]
         text = self.held_out()
-        method, robust = robust_method(cell["method"])
+        from cluster.campaign import CALIBRATION, method_variant
+        from editing.calibrate import CalibrationConfig
+
+        method, robust, calibrated = method_variant(cell["method"])
         return run_sequential(ed, records, cell["batch"], router=method, threshold=cell["threshold"], robust_keys=robust,
+                              calibration=CalibrationConfig(**CALIBRATION) if calibrated else None,
                               perplexity_text=text[: opts["perplexity_chars"]] or None,
                               long_context_text=text[40_000:60_000] if opts["long_context"] else None,
                               fluency_prompts=opts["fluency_prompts"], edit_cache=self._edit_cache())
