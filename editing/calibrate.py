@@ -208,6 +208,21 @@ def _rate(scores: torch.Tensor, threshold: float) -> float:
     return float((scores > threshold).float().mean()) if scores.numel() else 0.0
 
 
+HELD_OUT_OFFSET = 16_384  # tokens past the C0 tokens: clear of the calibration sample (8,192 by default)
+
+
+def held_out_false_gate_rate(ed, routed: RoutedFFN, tokens: int = 16_384, offset: int | None = None) -> float:
+    """Share of held-out WikiText tokens whose best gate score passes `routed`'s current threshold.
+
+    The tokens come from the first half, `HELD_OUT_OFFSET` past the C0 tokens (`offset` overrides),
+    so a calibrated threshold is not measured on its own calibration sample. A memory gates a
+    token on at most one row, so this is the share of unrelated tokens that receive some residual.
+    """
+    offset = ed.config.stats_tokens + HELD_OUT_OFFSET if offset is None else offset
+    _, score = route_scores(routed, negative_keys(ed, tokens, offset))
+    return _rate(score, float(routed.threshold))
+
+
 def choose_threshold(pos: torch.Tensor, neg: torch.Tensor, target_rate: float = 1e-3,
                      min_recall: float = 0.5, placement: float = 0.5) -> tuple[float, str]:
     """The threshold of the module's objective.

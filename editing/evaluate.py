@@ -305,10 +305,14 @@ class MemoryMethod(EditMethod):
     def describe(self) -> dict:
         out = {"router": self.mem.router.name, "threshold": float(self.mem.threshold), "layer": self.ed.layer}
         if self.calibration is not None:
-            cal = self.last_calibration
-            out["calibration"] = cal.to_dict() if cal else None
-            out["false_gate_rate"] = cal.false_gate_rate if cal else None
+            out["calibration"] = self.last_calibration.to_dict() if self.last_calibration else None
         return out
+
+    def false_gate_rate(self) -> float:
+        """The memory's share of held-out WikiText tokens gated on (`editing.calibrate`)."""
+        from editing.calibrate import held_out_false_gate_rate
+
+        return held_out_false_gate_rate(self.ed, self.mem)
 
 
 def open_method(ed, name: str | None = None, threshold: float | None = None, settings: dict | None = None,
@@ -365,7 +369,9 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
     half of WikiText), and report `subject_rephrase_in_domain` / `_out_of_domain` (rephrasings
     seen / not seen in training) beside `subject_rephrase`.
     `calibration`: a `CalibrationConfig` (memory methods only): the gate threshold is re-chosen after
-    every batch (`MemoryMethod`); the output adds the last `calibration` and its `false_gate_rate`.
+    every batch (`MemoryMethod`); the output adds the last `calibration`.
+    Memory methods also report `false_gate_rate`: the share of held-out WikiText tokens the final
+    memory gates on (`editing.calibrate.held_out_false_gate_rate`).
     Returns the `kvedit eval` JSON fields (robustness fields only where the data has them).
     """
     import time
@@ -407,6 +413,8 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
             "specificity": neighborhood(m, reqs), "pre_specificity": pre_spec,
             "fluency": fluency(m, [r.prompt for r in reqs[:fluency_prompts]]), "pre_fluency": pre_flu,
         }
+        if isinstance(m, MemoryMethod):
+            out["false_gate_rate"] = m.false_gate_rate()
         if pre_ppl is not None:
             out["perplexity_delta"] = perplexity(m, perplexity_text) / pre_ppl - 1
         if any(r.subject_rephrases for r in reqs):
