@@ -71,6 +71,37 @@ def neighborhood(ed, reqs: list[EditRequest]) -> float | None:
     return _rate(nll_true < nll_new)
 
 
+@torch.no_grad()
+def miss_reasons(m: "MemoryMethod", reqs: list[EditRequest], edit_ids: list[str], paraphrases: bool = False) -> dict:
+    """Why a memory's failed prompts fail, read at the subject's last token (no context prefix).
+
+    The prompts are each request's own prompt, or with `paraphrases` each paraphrase containing
+    the subject verbatim. Every failed prompt (" target_new" does not beat " target_true") is
+    one of: `gate_off` (its best score does not pass the threshold: the key is too far from every
+    row), `misrouted` (another edit's row wins and fires), `own_row` (its own row fires, yet the
+    residual does not carry the new target in this context). Returns the counts and `checked`.
+    """
+    from editing.calibrate import prompt_keys, route_scores
+
+    facts = [(e, r, p) for e, r in zip(edit_ids, reqs)
+             for p in ([q for q in r.rephrase_prompts if r.subject in q] if paraphrases else [r.prompt])]
+    out = {"checked": len(facts), "gate_off": 0, "misrouted": 0, "own_row": 0}
+    if not facts:
+        return out
+    ok = _beats(m, [p for _, _, p in facts], [r.target_new for _, r, _ in facts], [r.target_true for _, r, _ in facts])
+    failed = [(e, r.subject, p) for (e, r, p), good in zip(facts, ok.tolist()) if not good]
+    if not failed:
+        return out
+    keys, owners, _ = prompt_keys(m.ed, failed)
+    best, score = route_scores(m.mem, keys)
+    own = torch.tensor([m.mem.slots.get(e, -1) for e in owners])
+    on = score > float(m.mem.threshold)
+    out["gate_off"] = int((~on).sum())
+    out["misrouted"] = int((on & (best != own)).sum())
+    out["own_row"] = int((on & (best == own)).sum())
+    return out
+
+
 def substituted(reqs: list[EditRequest], subjects_of) -> list[tuple[str, EditRequest]]:
     """(prompt with the subject replaced, request) for every substitute subject."""
     return [(r.prompt.replace(r.subject, s, 1), r) for r in reqs for s in subjects_of(r)]
@@ -371,7 +402,8 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
     `calibration`: a `CalibrationConfig` (memory methods only): the gate threshold is re-chosen after
     every batch (`MemoryMethod`); the output adds the last `calibration`.
     Memory methods also report `false_gate_rate`: the share of held-out WikiText tokens the final
-    memory gates on (`editing.calibrate.held_out_false_gate_rate`).
+    memory gates on (`editing.calibrate.held_out_false_gate_rate`), and `misses`: why the failed
+    edit prompts and paraphrases fail (`miss_reasons`).
     Returns the `kvedit eval` JSON fields (robustness fields only where the data has them).
     """
     import time
@@ -415,6 +447,7 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
         }
         if isinstance(m, MemoryMethod):
             out["false_gate_rate"] = m.false_gate_rate()
+            out["misses"] = {"efficacy": miss_reasons(m, reqs, ids), "generalization": miss_reasons(m, reqs, ids, True)}
         if pre_ppl is not None:
             out["perplexity_delta"] = perplexity(m, perplexity_text) / pre_ppl - 1
         if any(r.subject_rephrases for r in reqs):

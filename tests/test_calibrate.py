@@ -131,7 +131,15 @@ def test_sequential_eval_recalibrates_after_every_batch(smol, cf_valid):
         assert held_out <= p + 3 * math.sqrt(p * (1 - p) / 2048) + 3 * math.sqrt(p * (1 - p) / 16_384), held_out
         m.mem.threshold.fill_(-1.0)
         assert m.false_gate_rate() == 1.0  # every token passes a threshold below every score
-        m.mem.threshold.fill_(cal.threshold)
+        # why failures fail: with the gate shut every failure is gate_off; all failures are classified
+        from editing.evaluate import efficacy, miss_reasons
+
+        for thr in (2.0, -1.0, cal.threshold):
+            m.mem.threshold.fill_(thr)
+            why = miss_reasons(m, recs, ids)
+            failures = round((1 - efficacy(m, recs)) * len(recs))
+            assert why["checked"] == 4 and why["gate_off"] + why["misrouted"] + why["own_row"] == failures, (thr, why)
+            assert (why["gate_off"] == failures) if thr == 2.0 else (why["gate_off"] == 0 if thr == -1.0 else True)
         m.delete(ids[::2])  # a delete keeps the threshold, as a delete commit does
         assert float(m.mem.threshold) == pytest.approx(cal.threshold)
     with pytest.raises(ValueError, match="chooses its own threshold"):
