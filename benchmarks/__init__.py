@@ -38,6 +38,8 @@ BENCHMARKS = {
                        "vLLM tokens/s routed vs stock MLP at 0/1K/10K facts, same engine (field: overhead)"),
     "reload-latency": (_lazy("benchmarks.serve_bench", "bench_reload_latency"),
                        "commit-to-served p50/p99 of 1K-row deltas into a 10K-row memory under load (fields: p50_s, p99_s)"),
+    "gate-scaling": (_lazy("benchmarks.gate_bench", "bench_gate_scaling"),
+                     "routing of real edits at T = 1..400, fixed vs calibrated gate: false-gate rate, hit/misrouted/gate-off"),
     "calibration": (_lazy("benchmarks.calibration_bench", "bench_calibration"), "calibrated vs best fixed gate threshold"),
     "multi-memory": (_lazy("benchmarks.multi_bench", "bench_multi_memory"),
                      "vLLM tokens/s, requests spread over 1/4/16 memories vs one memory of as many rows (field: overhead)"),
