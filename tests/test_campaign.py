@@ -40,6 +40,10 @@ grid: {method: [cosine], T: [10]}
     (GOOD.replace("name: t", "name: 'bad name/'"), "name"),
     (GOOD.replace("datasets: [counterfact_valid.json]\n", ""), "datasets"),
     (GOOD + "sed: 1\n", "sed"),
+    (GOOD.replace("method: [cosine]", "method: [cosine, ferret]"), "grid.method[1]"),
+    (GOOD.replace("method: [cosine]", "method: [memit+cal]"), "grid.method[0]"),
+    (GOOD.replace("method: [cosine]", "method: [cosine+cal]").replace("T: [10]", "T: [10], threshold: [0.5]"),
+     "grid.threshold.cosine+cal"),
     ("name: t\ngrid: [1, 2\n", "<file>"),
 ])
 def test_bad_campaign_yaml_names_the_field(tmp_path, text, field):
@@ -65,10 +69,10 @@ def test_bad_campaign_cli_exits_with_the_field(tmp_path):
 def test_shipped_campaigns_expand_to_their_grids():
     paper = load_campaign(CAMPAIGNS / "paper.yaml")
     cells = paper.cells()
-    # datasets x T x (3 cosine + 3 whitened thresholds + margin, 2 robust-key variants, 4 baselines)
-    assert len(cells) == 2 * 4 * (3 + 3 + 1 + 2 + 4)
-    assert {c.method for c in cells} == {"cosine", "whitened", "margin", "cosine+rep", "whitened+rep", "rome", "memit",
-                                         "alphaedit", "scr"}
+    # datasets x T x (3 cosine + 3 whitened thresholds + margin, 2 robust-key and 2 calibrated variants, 4 baselines)
+    assert len(cells) == 2 * 4 * (3 + 3 + 1 + 2 + 2 + 4)
+    assert {c.method for c in cells} == {"cosine", "whitened", "margin", "cosine+rep", "whitened+rep", "cosine+cal",
+                                         "whitened+cal", "rome", "memit", "alphaedit", "scr"}
     assert sorted({c.T for c in cells}) == [1, 10, 100, 400] and {c.batch for c in cells} == {1}
     smoke = load_campaign(CAMPAIGNS / "smoke.yaml").cells()
     assert [(c.method, c.threshold, c.T) for c in smoke] == [
