@@ -102,14 +102,33 @@ def test_batched_truncated_optimiser_matches_reference(family, tokenizer):
     assert (fast.loss < ref.loss.new_tensor([float("inf")])).all()
 
 
-def test_optimiser_early_stop_and_clamp_match(tokenizer):
+def test_optimiser_clamp_matches(tokenizer):
     model = build_tiny("llama", seed=3)
     ad = get_adapter(model)
-    # A large lr and a tight clamp make the clamp bind; a high stop loss stops some edits early.
-    hp = ValueHparams(steps=8, lr=2.0, clamp_norm_factor=0.5, stop_loss=10.9)
+    # A large lr and a tight clamp make the clamp bind on every step.
+    hp = ValueHparams(steps=8, lr=2.0, clamp_norm_factor=0.5, stop_loss=0.0)
     fast = optimise_residuals(model, tokenizer, ad, 2, REQS, TEMPLATES, hp)
     ref = optimise_residuals_reference(model, tokenizer, ad, 2, REQS, TEMPLATES, hp)
-    assert fast.steps == ref.steps
+    assert fast.steps == ref.steps == [7, 7, 7]
+    torch.testing.assert_close(fast.residuals, ref.residuals, rtol=0, atol=1e-3)
+    loose = optimise_residuals(model, tokenizer, ad, 2, REQS, TEMPLATES, ValueHparams(steps=8, lr=2.0, clamp_norm_factor=50.0, stop_loss=0.0))
+    assert (fast.residuals.norm(dim=-1) < loose.residuals.norm(dim=-1)).all(), "the clamp must bind"
+
+
+def test_optimiser_staggered_early_stop_matches(tokenizer):
+    model = build_tiny("llama", seed=3)
+    ad = get_adapter(model)
+    # A stop loss between the lowest NLL before and after one update stops some edits after that
+    # update (their Adam state is then live and must not move them) while the others go on. No
+    # weight decay and a loose clamp, so the target NLL drives delta.
+    settings = dict(lr=1.0, clamp_norm_factor=1e4, weight_decay=0.0)
+    nll = [optimise_residuals_reference(model, tokenizer, ad, 2, REQS, TEMPLATES,
+                                        ValueHparams(steps=s, stop_loss=0.0, **settings)).nll for s in (1, 2)]
+    hp = ValueHparams(steps=8, stop_loss=float(nll[0].min() + nll[1].min()) / 2, **settings)
+    fast = optimise_residuals(model, tokenizer, ad, 2, REQS, TEMPLATES, hp)
+    ref = optimise_residuals_reference(model, tokenizer, ad, 2, REQS, TEMPLATES, hp)
+    assert fast.steps == ref.steps and any(0 < s < 7 for s in ref.steps) and 7 in ref.steps, ref.steps
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-4, atol=0)
     torch.testing.assert_close(fast.residuals, ref.residuals, rtol=0, atol=1e-3)
 
 
