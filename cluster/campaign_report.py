@@ -24,6 +24,7 @@ TABLE_COLUMNS = (
     ("subject_rephrase", "Subject rephrase", None), ("subject_rephrase_out_of_domain", "Rephrase held out", None),
     ("shuffled_subject", "Shuffled", None),
     ("long_context", "Long ctx", None), ("withdrawal_reverted", "Withdrawal reverted", None),
+    ("withdrawal_reverted_unshared", "Reverted (subject not kept)", None),
     ("withdrawal_retained", "Withdrawal retained", None), ("seconds", "Seconds", None),
 )
 SCALE_COLUMNS = (("routing_capacity", "Routing capacity"), ("routing_top1", "Own row top-1"),

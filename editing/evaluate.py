@@ -211,22 +211,34 @@ def withdrawn_prompts(reqs: list[EditRequest]) -> list[str]:
     return [r.prompt for r in reqs[0::2]]
 
 
-def withdrawal(ed, reqs: list[EditRequest], edit_ids: list[str], base_logits: torch.Tensor) -> tuple[float, float]:
+def withdrawal(ed, reqs: list[EditRequest], edit_ids: list[str], base_logits: torch.Tensor) -> dict:
     """Delete every other edit (from the attached memory, or through `ed.delete` where `ed` has one).
 
     `base_logits` [ceil(n/2), vocab]: the unedited model's next-token logits on the prompts of the
     edits to delete, `withdrawn_prompts(reqs)`, computed as that one batch: CPU kernels are not
     batch-invariant (a different batch shape moves logits by ~1e-5), so "exactly" needs the same batch.
-    Returns (share of deleted edits whose logits equal the unedited model's exactly,
-    share of kept edits still successful). The deleted edits stay deleted.
+    Returns
+    - `withdrawal_reverted`: share of deleted edits whose logits equal the unedited model's exactly;
+    - `withdrawal_retained`: share of kept edits still successful;
+    - `withdrawal_shared_subject`: share of deleted edits whose subject a kept edit also has (zsRE
+      repeats subjects with other questions): the kept edit's row is the same subject's key, so it
+      rightly still fires on the deleted edit's prompt;
+    - `withdrawal_reverted_unshared`: `withdrawal_reverted` over the other deleted edits.
+    The deleted edits stay deleted.
     """
     delete = getattr(ed, "delete", None) or ed.memory.delete
     gone, kept = list(range(0, len(reqs), 2)), list(range(1, len(reqs), 2))
     delete([edit_ids[i] for i in gone])
     after = next_token_logits(ed.model, ed.tok, _in_context(ed, [reqs[i].prompt for i in gone]))
-    reverted = _rate([torch.equal(after[j], base_logits[j]) for j in range(len(gone))])
-    retained = efficacy(ed, [reqs[i] for i in kept]) if kept else None
-    return reverted, retained
+    same = [torch.equal(after[j], base_logits[j]) for j in range(len(gone))]
+    kept_subjects = {reqs[i].subject for i in kept}
+    shared = [reqs[i].subject in kept_subjects for i in gone]
+    return {
+        "withdrawal_reverted": _rate(same),
+        "withdrawal_retained": efficacy(ed, [reqs[i] for i in kept]) if kept else None,
+        "withdrawal_shared_subject": _rate(shared),
+        "withdrawal_reverted_unshared": _rate([x for x, s in zip(same, shared) if not s]),
+    }
 
 
 class MemoryMethod(EditMethod):
@@ -467,7 +479,7 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
             same = torch.cat([(x == y).float() for x, y in zip(base_top1, after)]) if locs else torch.zeros(0)
             out["locality"] = _rate(same)
         if m.can_delete:
-            out["withdrawal_reverted"], out["withdrawal_retained"] = withdrawal(m, reqs, ids, base_logits)
+            out.update(withdrawal(m, reqs, ids, base_logits))
         else:
             out["withdrawal_reverted"] = out["withdrawal_retained"] = None
     out["seconds"] = round(time.perf_counter() - t0, 2)

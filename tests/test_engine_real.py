@@ -125,9 +125,10 @@ def test_withdrawal_restores_exact_base_logits_for_deleted_edits(smol, ten_edits
     try:
         smol.attach(edits.table)
         before = efficacy(smol, recs)
-        reverted, retained = withdrawal(smol, recs, edits.edit_ids, base)
-        assert reverted == 1.0, "deleted edits must give exactly the unedited model's logits"
-        assert retained >= before - 0.2 and smol.memory.n_facts == 5
+        out = withdrawal(smol, recs, edits.edit_ids, base)
+        assert out["withdrawal_reverted"] == 1.0, "deleted edits must give exactly the unedited model's logits"
+        assert out["withdrawal_retained"] >= before - 0.2 and smol.memory.n_facts == 5
+        assert out["withdrawal_shared_subject"] == 0.0 and out["withdrawal_reverted_unshared"] == 1.0
     finally:
         smol.detach()
 

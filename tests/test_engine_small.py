@@ -162,3 +162,28 @@ def test_layer_out_of_range(tokenizer):
     ad = get_adapter(build_tiny("llama"))
     with pytest.raises(ValueError, match="out of range"):
         ad.down_proj(4)
+
+
+def test_withdrawal_separates_deleted_edits_whose_subject_a_kept_edit_shares(tokenizer):
+    """A deleted edit whose subject a kept edit also has still meets that edit's row (zsRE repeats
+    subjects); it counts against `withdrawal_reverted` but not `withdrawal_reverted_unshared`."""
+    from types import SimpleNamespace
+
+    from editing.evaluate import next_token_logits, withdrawal, withdrawn_prompts
+
+    model = build_tiny("llama")
+    ad = get_adapter(model)
+    reqs = [
+        EditRequest(subject="Danielle Darrieux", prompt="The mother tongue of Danielle Darrieux is", target_new="English", target_true="French"),
+        # same subject, same words before it: the same key at the subject's last token
+        EditRequest(subject="Danielle Darrieux", prompt="The mother tongue of Danielle Darrieux was", target_new="German", target_true="French"),
+        REQS[1],
+        REQS[2],
+    ]
+    base = next_token_logits(model, tokenizer, withdrawn_prompts(reqs))
+    mem = attach(model, ad, 1, RoutedFFN(make_router("cosine"), ad.d_key, ad.d_model, threshold=0.99))
+    mem.add(["a", "b", "c", "d"], compute_keys(model, tokenizer, ad, 1, reqs, ["{}"]), torch.full((4, ad.d_model), 3.0))
+    out = withdrawal(SimpleNamespace(model=model, tok=tokenizer, memory=mem), reqs, ["a", "b", "c", "d"], base)
+    assert out["withdrawal_reverted"] == 0.5  # "a" still meets "b"'s row; "c" is the unedited model again
+    assert out["withdrawal_shared_subject"] == 0.5 and out["withdrawal_reverted_unshared"] == 1.0
+    assert sorted(mem.slots) == ["b", "d"]
