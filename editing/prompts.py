@@ -84,19 +84,18 @@ def target_token_ids(tok, prompt: str, target: str) -> list[int]:
 
 def check_request(tok, req: EditRequest, index: int, max_target_tokens: int) -> None:
     """Validate one request against a tokenizer (raises `EditRecordError` naming the field)."""
+    where = req.where(index)  # the record's position in its file when it was read from one
     for name in ("subject", "prompt", "target_new"):
         val = getattr(req, name)
         if not isinstance(val, str):
-            raise EditRecordError(index, name, f"expected a string, got {type(val).__name__}", req.case_id)
+            raise EditRecordError(field=name, reason=f"expected a string, got {type(val).__name__}", **where)
         if not val.strip():
-            raise EditRecordError(index, name, "empty", req.case_id)
+            raise EditRecordError(field=name, reason="empty", **where)
     if req.subject not in req.prompt:
-        raise EditRecordError(index, "subject", f"{req.subject!r} not found in prompt {req.prompt!r}", req.case_id)
+        raise EditRecordError(field="subject", reason=f"{req.subject!r} not found in prompt {req.prompt!r}", **where)
     n = len(target_token_ids(tok, req.prompt, req.target_new))
     if n > max_target_tokens:
-        raise EditRecordError(
-            index, "target_new", f"{n} tokens, more than the limit of {max_target_tokens}", req.case_id
-        )
+        raise EditRecordError(field="target_new", reason=f"{n} tokens, more than the limit of {max_target_tokens}", **where)
 
 
 @torch.no_grad()

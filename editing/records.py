@@ -51,6 +51,11 @@ class EditRequest:
     locality_answers: list[str] = field(default_factory=list)
     subject_rephrases: list[str] = field(default_factory=list)
     source: str | None = None
+    index: int | None = None  # the record's position in `source`, for error messages
+
+    def where(self, fallback: int) -> dict:
+        """`EditRecordError` arguments naming this record: its file position (else `fallback`), case_id, file."""
+        return {"index": fallback if self.index is None else self.index, "case_id": self.case_id, "source": self.source}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,12 +101,13 @@ def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest
         for name, t in (("target_new", tn), ("target_true", tt)):
             if not isinstance(t, dict) or not isinstance(t.get("str"), str):
                 raise EditRecordError(index, f"requested_rewrite.{name}.str", "missing or not a string", case_id, source)
+        neighbours = _str_list(rec, "neighborhood_prompts", index, case_id, source)
         req = EditRequest(
-            subject=subject, prompt=template.format(subject), target_new=tn["str"], target_true=tt["str"],
+            # replace, not str.format: a template may hold other braces ("{} is {x}")
+            subject=subject, prompt=template.replace("{}", subject, 1), target_new=tn["str"], target_true=tt["str"],
             case_id=case_id,
             rephrase_prompts=_str_list(rec, "paraphrase_prompts", index, case_id, source),
-            locality_prompts=_str_list(rec, "neighborhood_prompts", index, case_id, source),
-            locality_answers=[tt["str"]] * len(rec.get("neighborhood_prompts") or []),
+            locality_prompts=neighbours, locality_answers=[tt["str"]] * len(neighbours),
             source=source,
         )
     elif "src" in rec and "alt" in rec:  # MEND zsRE
@@ -114,6 +120,8 @@ def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest
             raise EditRecordError(index, "loc", "expected a string", case_id, source)
         if loc_ans is not None and not isinstance(loc_ans, str):
             raise EditRecordError(index, "loc_ans", "expected a string", case_id, source)
+        if loc and not loc_ans:
+            raise EditRecordError(index, "loc_ans", "missing or empty: 'loc' needs its answer", case_id, source)
         req = EditRequest(
             subject=subject, prompt=prompt, target_new=_req_str(rec, "alt", index, case_id, source),
             target_true=answers[0] if answers else "", case_id=case_id,
@@ -128,7 +136,11 @@ def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest
         if isinstance(loc_gt, str) or loc_gt is None:
             loc_answers = [loc_gt or ""] * len(loc_prompts)
         elif isinstance(loc_gt, list) and all(isinstance(x, str) for x in loc_gt):
-            loc_answers = loc_gt if len(loc_gt) == len(loc_prompts) else [loc_gt[0] if loc_gt else ""] * len(loc_prompts)
+            if len(loc_gt) != len(loc_prompts) and len(loc_gt) != 1:
+                raise EditRecordError(index, "locality_ground_truth",
+                                      f"{len(loc_gt)} answers for {len(loc_prompts)} locality prompts (give one, or one each)",
+                                      case_id, source)
+            loc_answers = loc_gt if len(loc_gt) == len(loc_prompts) else loc_gt * len(loc_prompts)
         else:
             raise EditRecordError(index, "locality_ground_truth", "expected a string or list of strings", case_id, source)
         req = EditRequest(
@@ -143,6 +155,7 @@ def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest
         )
     if req.subject not in req.prompt:
         raise EditRecordError(index, "subject", f"{req.subject!r} not found in prompt {req.prompt!r}", case_id, source)
+    req.index = index
     return req
 
 
@@ -159,6 +172,17 @@ def read_raw_records(path: str | Path) -> list:
         except json.JSONDecodeError as exc:
             raise EditRecordError(None, "<file>", f"invalid JSON: {exc}", None, str(path)) from exc
         return data
+    if stripped.startswith("{"):  # {"records": [...]}, or a single record; else JSONL (below)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, dict):
+            if "records" not in data:
+                return [data]
+            if not isinstance(data["records"], list):
+                raise EditRecordError(None, "records", "expected a list of records", None, str(path))
+            return data["records"]
     records = []
     for i, line in enumerate(text.splitlines()):
         if not line.strip():
@@ -190,8 +214,8 @@ def check_batch_conflicts(requests: Iterable[EditRequest]) -> None:
         if key in seen and seen[key][1] != r.target_new:
             j = seen[key][0]
             raise EditRecordError(
-                i, "target_new",
-                f"conflicts with record {j}: same subject and prompt but target {r.target_new!r} != {seen[key][1]!r}",
-                r.case_id,
+                field="target_new",
+                reason=f"conflicts with record {j}: same subject and prompt but target {r.target_new!r} != {seen[key][1]!r}",
+                **r.where(i),
             )
-        seen.setdefault(key, (i, r.target_new))
+        seen.setdefault(key, (r.where(i)["index"], r.target_new))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -25,8 +26,9 @@ def test_shared_rep_format_reads_every_record():
         assert len(recs) == n
         assert all(r.subject in r.prompt and r.target_new for r in recs)
     cf = load_records(data_file("counterfact_valid.json"), limit=1)[0]
+    raw = json.loads(data_file("counterfact_valid.json").read_text())[0]
     assert cf.rephrase_prompts and cf.locality_prompts and len(cf.subject_rephrases) == 10
-    assert cf.locality_answers == [cf.target_true] * len(cf.locality_prompts) or all(cf.locality_answers)
+    assert cf.locality_answers == [raw["locality_ground_truth"]] * len(cf.locality_prompts) and cf.index == 0
 
 
 def test_original_counterfact_format(tmp_path):
@@ -69,6 +71,55 @@ def test_bad_rep_records_name_file_record_and_field(tmp_path, rec, field):
     assert exc.value.field == field and exc.value.index == 1 and str(path) in str(exc.value)
 
 
+def test_counterfact_template_with_other_braces_and_string_neighbourhood(tmp_path):
+    rec = {"case_id": 3, "requested_rewrite": {"prompt": "{} is a {kind} of", "subject": "Paris",
+                                               "target_new": {"str": "Rome"}, "target_true": {"str": "France"}},
+           "neighborhood_prompts": "Lyon is a city of"}
+    r = load_records(_write(tmp_path, [rec]))[0]
+    assert r.prompt == "Paris is a {kind} of"
+    assert r.locality_prompts == ["Lyon is a city of"] and r.locality_answers == ["France"]
+
+
+def test_locality_answers_must_match_their_prompts(tmp_path):
+    zsre = {"subject": "Watts Humphrey", "src": "Where did Watts Humphrey study?", "alt": "Michigan", "answers": ["IIT"],
+            "loc": "nq question: who wrote hamlet"}
+    with pytest.raises(EditRecordError, match="record 0: field 'loc_ans'"):
+        load_records(_write(tmp_path, [zsre]))
+    rep = {"subject": "Y", "prompt": "Y is", "target_new": "Z", "locality_prompt": ["a", "b", "c"],
+           "locality_ground_truth": ["x", "y"]}
+    with pytest.raises(EditRecordError, match="field 'locality_ground_truth': 2 answers for 3"):
+        load_records(_write(tmp_path, [rep]))
+    one = load_records(_write(tmp_path, [dict(rep, locality_ground_truth=["x"])]))[0]
+    assert one.locality_answers == ["x", "x", "x"]
+
+
+def test_records_object_and_single_record_files(tmp_path):
+    rec = {"subject": "Y", "prompt": "Y is", "target_new": "Z"}
+    p = tmp_path / "wrapped.json"
+    p.write_text(json.dumps({"records": [rec, dict(rec, target_new="W")]}))
+    assert [r.target_new for r in load_records(p)] == ["Z", "W"]
+    p.write_text(json.dumps(rec, indent=1))  # one record, pretty-printed over several lines
+    assert [r.target_new for r in load_records(p)] == ["Z"]
+    p.write_text(json.dumps({"records": {"subject": "Y"}}))
+    with pytest.raises(EditRecordError, match="field 'records': expected a list"):
+        load_records(p)
+
+
+def test_validation_errors_name_the_file_position_of_the_record(tmp_path, tokenizer):
+    from editing.prompts import check_request
+    from editing.records import check_batch_conflicts
+
+    recs = [{"subject": "Y", "prompt": "Y is", "target_new": "Z"}] * 50 + [
+        {"case_id": 51, "subject": "Y", "prompt": "Y is", "target_new": "word " * 40}]
+    path = _write(tmp_path, recs)
+    reqs = load_records(path, offset=49)
+    with pytest.raises(EditRecordError, match=r"record 50, case_id=51: field 'target_new': \d+ tokens") as exc:
+        check_request(tokenizer, reqs[1], 1, max_target_tokens=16)  # index 1 in the batch, 50 in the file
+    assert str(path) in str(exc.value)
+    with pytest.raises(EditRecordError, match="record 50, case_id=51: field 'target_new': conflicts with record 49"):
+        check_batch_conflicts(reqs)
+
+
 def test_jsonl_and_bad_json(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"subject": "Y", "prompt": "Y is", "target_new": "Z"}) + "\n\n{broken\n")
@@ -88,6 +139,6 @@ def test_shuffle_subject_permutes_tokens(tokenizer):
     s = "Danielle Darrieux"
     shuffled = shuffle_subject(tokenizer, s, seed=0)
     assert shuffled != s
-    a = sorted(tokenizer(s, add_special_tokens=False)["input_ids"])
-    assert a == sorted(tokenizer(shuffled, add_special_tokens=False)["input_ids"]) or len(shuffled) == len(s)
+    pieces = [tokenizer.decode([i]) for i in tokenizer(s, add_special_tokens=False)["input_ids"]]
+    assert len(pieces) > 1 and any("".join(p) == shuffled for p in itertools.permutations(pieces))
     assert shuffle_subject(tokenizer, s, seed=0) == shuffled
