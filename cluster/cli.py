@@ -110,10 +110,17 @@ def edit_run(
     from editing.models import ModelNotFoundError
     from editing.table import write_edit_table
 
+    from cluster.commit import commit_edits, ensure_memory, open_store
+    from editing.table import MemoryMismatchError
+    from store import StoreError
+
     try:
         records = load_records(data_file(data), limit=limit, offset=offset)
         editor = Editor.load(model, device=device, layer=layer, router=router, threshold=threshold)
-    except (EditRecordError, FileNotFoundError, ModelNotFoundError, ValueError) as exc:
+        if memory is not None:  # a memory that cannot take these edits fails now, not after computing them
+            with open_store(store, redis_url) as st:
+                ensure_memory(st, memory, editor.spec, router, threshold, create=False)
+    except (EditRecordError, FileNotFoundError, ModelNotFoundError, MemoryMismatchError, StoreError, ValueError) as exc:
         fail(str(exc))
     from rich.progress import Progress
 
@@ -127,9 +134,11 @@ def edit_run(
     if out_dir is not None:
         result["out"] = str(write_edit_table(edits.table, out_dir))
     if memory is not None:
-        from cluster.commit import commit_edits
-
-        result.update(commit_edits(editor, edits.table, memory, store, redis_url, router, threshold, records=records))
+        try:
+            result.update(commit_edits(editor, edits.table, memory, store, redis_url, router, threshold, records=records))
+        except (MemoryMismatchError, StoreError, ValueError) as exc:
+            kept = f" (the edits are in {result['out']})" if "out" in result else ""
+            fail(f"nothing committed to memory {memory!r}: {exc}{kept}")
     editor.attach(edits.table, router=router, threshold=result.get("threshold", threshold))
     flags = editor.efficacy(records)
     result["efficacy"] = sum(flags) / max(len(flags), 1)
@@ -196,25 +205,34 @@ def generate(
     """Print the greedy continuation of each prompt, without and with the memory."""
     _setup_logging()
     from editing import Editor
+    from editing.models import ModelNotFoundError
     from editing.table import MemoryMismatchError, read_edit_table
 
-    editor = Editor.load(model, device=device)
+    try:
+        editor = Editor.load(model, device=device)
+    except (ModelNotFoundError, ValueError) as exc:
+        fail(str(exc))
     rows = []
     base = editor.generate(prompts, max_new_tokens)
     edited = None
     if memory_ref is not None:
         try:
+            adapter = None
             if Path(memory_ref).exists():
                 spec, table = read_edit_table(memory_ref)
             else:
                 from cluster.commit import open_store
+                from store.artifacts import read_robust_keys
 
                 name, _, ver = memory_ref.partition("@")
-                info, table = open_store(store, redis_url).load(name, int(ver) if ver else None)
+                st = open_store(store, redis_url)
+                info, table = st.load(name, int(ver) if ver else None)
                 spec, router = info.spec, info.router.get("name", router)
                 threshold = threshold if threshold is not None else info.router.get("threshold")
+                adapter = read_robust_keys(st, info.router, spec.d_key, f"memory {name!r} v{info.version}")
             editor.config.layer = spec.layer
-            editor.attach(table, spec=spec, router=router, threshold=threshold)
+            routed = editor.attach(table, spec=spec, router=router, threshold=threshold)
+            routed.query_adapter = None if adapter is None else adapter.to(routed.rows.device)  # as replicas serve it
         except Exception as exc:  # noqa: BLE001 - every failure here is reported to the user the same way
             fail(str(exc))
         edited = editor.generate(prompts, max_new_tokens)
@@ -246,6 +264,9 @@ def eval_cmd(
     calibrate: bool = typer.Option(False, "--calibrate", help="re-choose the gate threshold after every batch "
                                    "(editing.calibrate, at the false-gate-rate bound; memory routers only); adds "
                                    "calibration and false_gate_rate"),
+    metric: str = typer.Option("auto", help="how a prompt's success is scored: nll (CounterFact: new target's mean "
+                               "NLL below the true one's) | token_accuracy (zsRE: top-1 token accuracy, teacher "
+                               "forced) | auto (token_accuracy for zsRE files, else nll)"),
     model: str = typer.Option("smollm2-135m"),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -255,7 +276,7 @@ def eval_cmd(
     from editing.data import data_file
     from cluster.campaign import CALIBRATION
     from editing.calibrate import CalibrationConfig
-    from editing.evaluate import known_methods, run_sequential
+    from editing.evaluate import known_methods, run_sequential, success_metric
     from editing.routers import ROUTERS
     from editing.stats import corpus_half, default_corpus_path
 
@@ -270,6 +291,7 @@ def eval_cmd(
         fail(f"--calibrate chooses a memory router's threshold: it needs a router and no --threshold "
              f"(got method {method!r}, threshold {threshold})")
     try:
+        metric = success_metric(data, metric)
         records = load_records(data_file(data), limit=edits, offset=offset)
         editor = Editor.load(model, layer=layer, router=method if is_router else None,
                              threshold=threshold if is_router else None, seed=seed, batch_size=batch)
@@ -284,7 +306,8 @@ def eval_cmd(
             result = run_sequential(editor, records, batch, router=method, threshold=threshold,
                                     perplexity_text=held_out[:40_000], long_context_text=held_out[40_000:60_000],
                                     progress=lambda n: prog.advance(task, n), robust_keys=robust_keys,
-                                    calibration=CalibrationConfig(**CALIBRATION) if calibrate else None)
+                                    calibration=CalibrationConfig(**CALIBRATION) if calibrate else None,
+                                    metric=metric)
     except EditRecordError as exc:
         fail(str(exc))
     result = {"method": method, "data": data, **result}

@@ -52,22 +52,26 @@ def open_store(store: str | None = None, redis_url: str | None = None):
     return MemoryStore(store, redis_url=redis_url)
 
 
-def ensure_memory(st, memory: str, spec, router: str, threshold: float | str | None = None) -> dict:
+def ensure_memory(st, memory: str, spec, router: str, threshold: float | str | None = None,
+                  create: bool = True) -> dict | None:
     """Create `memory` if missing, bound to `spec` and the router; return its router config.
 
     An existing memory must match `spec` and the router name. Its threshold is kept when
     `threshold` is None; a number must equal its fixed threshold, and "auto" needs a calibrated
-    memory (`MemoryMismatchError` otherwise, nothing written).
+    memory (`MemoryMismatchError` otherwise, nothing written). With `create=False` nothing is
+    ever written: a missing memory returns None (a check before a long computation).
     """
     from editing.table import MemoryMismatchError
 
     wanted = router_config(router, threshold)
     if not st.exists(memory):
+        if not create:
+            return None
         st.create(memory, spec, wanted, exist_ok=True)
     info = st.info(memory)
     info.check(spec)
     have = info.router
-    if have.get("name") != router:
+    if have.get("name", "cosine") != router:  # a config without a name (older imports) means cosine, as serving reads it
         raise MemoryMismatchError(f"memory {memory!r} v{info.version} uses router {have.get('name')!r}, not {router!r}")
     if threshold is not None and (is_calibrated(wanted) != is_calibrated(have)
                                   or (not is_calibrated(have) and have.get("threshold") != wanted["threshold"])):

@@ -60,7 +60,7 @@ def train_robust_keys(editor, st, memory: str, records, hp=None, seed: int = 0, 
     if not any(r.subject_rephrases for r in reqs):
         raise ValueError("robust keys train on subject rephrasings; none of the records has `subject_rephrase`")
     ids, keys, residuals = table_tensors(table, editor.spec)
-    routed = editor.new_memory(router=info.router["name"], threshold=info.router.get("threshold"))
+    routed = editor.new_memory(router=info.router.get("name", "cosine"), threshold=info.router.get("threshold"))
     routed.add(ids, keys, residuals)
     text = negative_text if negative_text is not None else corpus_half(default_corpus_path().read_text(), "first")
     adapter = fit_robust_keys(editor, routed, reqs, keys[torch.tensor(rows)], text,

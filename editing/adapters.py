@@ -39,10 +39,6 @@ def get_adapter(model: nn.Module) -> "ArchAdapter":
     return _ADAPTERS[mt](model)
 
 
-def supported_model_types() -> list[str]:
-    return sorted(_ADAPTERS)
-
-
 class ArchAdapter:
     """Module paths of one family. Subclasses set the attribute paths below."""
 

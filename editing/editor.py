@@ -54,12 +54,16 @@ class EditConfig:
 
     @classmethod
     def for_model(cls, name: str, **overrides) -> "EditConfig":
-        """Defaults from `hparams/<name>.json` when it exists, then `overrides` (None values ignored)."""
+        """Defaults from `hparams/<name>.json` when it exists, then `overrides` (None values ignored;
+        a `values` dict overrides single value-optimiser settings and keeps the file's others)."""
         data: dict = {}
         f = resources.files("editing") / "hparams" / f"{Path(name).name}.json"
         if f.is_file():
             data = json.loads(f.read_text())
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        over = {k: v for k, v in overrides.items() if v is not None}
+        if isinstance(over.get("values"), dict) and isinstance(data.get("values"), dict):
+            over["values"] = {**data["values"], **over["values"]}
+        data.update(over)
         values = data.pop("values", {})
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from pathlib import Path
 from collections import Counter
 
 import torch
@@ -45,19 +46,42 @@ def _rate(flags: torch.Tensor | list) -> float | None:
     return None if flags.numel() == 0 else float(flags.mean())
 
 
-def efficacy(ed, reqs: list[EditRequest]) -> float | None:
-    """Share of edited prompts where " target_new" beats " target_true" (mean per-token NLL)."""
-    return _rate(_beats(ed, [r.prompt for r in reqs], [r.target_new for r in reqs],
-                        [r.target_true for r in reqs]))
+# How success on a prompt is scored (rome/memit): CounterFact compares the mean per-token NLL of
+# " target_new" and " target_true" (`eval_utils_counterfact`); zsRE takes the top-1 token accuracy of
+# " target_new" under teacher forcing, averaged per prompt (`eval_utils_zsre`).
+NLL, TOKEN_ACCURACY = "nll", "token_accuracy"
+SUCCESS_METRICS = (NLL, TOKEN_ACCURACY)
 
 
-def generalization(ed, reqs: list[EditRequest]) -> float | None:
-    """The same comparison on every paraphrase prompt."""
-    pairs = [(p, r) for r in reqs for p in r.rephrase_prompts]
-    if not pairs:
+def success_metric(data: str | None, metric: str = "auto") -> str:
+    """The success metric for a data file: `metric`, or with "auto" token accuracy for zsRE files
+    (the name contains "zsre", as the shared `zsre_test.json`) and the NLL comparison otherwise."""
+    if metric == "auto":
+        return TOKEN_ACCURACY if data and "zsre" in Path(data).name.lower() else NLL
+    if metric not in SUCCESS_METRICS:
+        raise ValueError(f"unknown success metric {metric!r}; choose auto, {', '.join(SUCCESS_METRICS)}")
+    return metric
+
+
+def _success(ed, prompts: list[str], reqs: list[EditRequest], metric: str = NLL) -> float | None:
+    """Mean success of " target_new" after each prompt (`reqs[i]` owns `prompts[i]`), by `metric`."""
+    if not prompts:
         return None
-    return _rate(_beats(ed, [p for p, _ in pairs], [r.target_new for _, r in pairs],
-                        [r.target_true for _, r in pairs]))
+    if metric == TOKEN_ACCURACY:
+        return _rate(token_accuracy(ed, prompts, [r.target_new for r in reqs]))
+    return _rate(_beats(ed, prompts, [r.target_new for r in reqs], [r.target_true for r in reqs]))
+
+
+def efficacy(ed, reqs: list[EditRequest], metric: str = NLL) -> float | None:
+    """Success on the edited prompts: the share where " target_new" beats " target_true" (mean
+    per-token NLL), or with `metric=TOKEN_ACCURACY` the mean top-1 token accuracy of " target_new"."""
+    return _success(ed, [r.prompt for r in reqs], reqs, metric)
+
+
+def generalization(ed, reqs: list[EditRequest], metric: str = NLL) -> float | None:
+    """The same on every paraphrase prompt."""
+    pairs = [(p, r) for r in reqs for p in r.rephrase_prompts]
+    return _success(ed, [p for p, _ in pairs], [r for _, r in pairs], metric)
 
 
 def neighborhood(ed, reqs: list[EditRequest]) -> float | None:
@@ -107,14 +131,11 @@ def substituted(reqs: list[EditRequest], subjects_of) -> list[tuple[str, EditReq
     return [(r.prompt.replace(r.subject, s, 1), r) for r in reqs for s in subjects_of(r)]
 
 
-def subject_rephrase(ed, reqs: list[EditRequest], which: slice = slice(None)) -> float | None:
+def subject_rephrase(ed, reqs: list[EditRequest], which: slice = slice(None), metric: str = NLL) -> float | None:
     """Success of the new target with the subject replaced by each of its rephrasings (REP);
     `which` selects rephrasings by position (e.g. the ones a REP adapter was trained on)."""
     pairs = substituted(reqs, lambda r: r.subject_rephrases[which])
-    if not pairs:
-        return None
-    return _rate(_beats(ed, [p for p, _ in pairs], [r.target_new for _, r in pairs],
-                        [r.target_true for _, r in pairs]))
+    return _success(ed, [p for p, _ in pairs], [r for _, r in pairs], metric)
 
 
 def shuffle_subject(tok, subject: str, seed: int) -> str:
@@ -144,23 +165,19 @@ def long_context(ed, reqs: list[EditRequest], context: str, tokens: int = 512) -
                         [r.target_true for r in reqs]))
 
 
-@torch.no_grad()
 def token_accuracy(ed, prompts: list[str], targets: list[str]) -> torch.Tensor:
-    """zsRE top-1 token accuracy with teacher forcing, per prompt. Returns [n] float."""
-    device = next(ed.model.parameters()).device
-    out = []
-    for p, t in zip(_in_context(ed, prompts), targets):
-        p_ids, t_ids = ed.tok(p)["input_ids"], target_token_ids(ed.tok, p, t)
-        ids = torch.tensor([p_ids + t_ids], device=device)
-        logits = ed.model(input_ids=ids, use_cache=False).logits[0]
-        pred = logits[len(p_ids) - 1: len(p_ids) - 1 + len(t_ids)].argmax(-1)
-        out.append((pred == torch.tensor(t_ids, device=device)).float().mean())
-    return torch.stack(out).cpu() if out else torch.zeros(0)
+    """zsRE top-1 token accuracy with teacher forcing: per prompt, the share of the target's tokens
+    that are the top-1 prediction after the prompt and the target's earlier tokens. Returns [n] float."""
+    preds = answer_top1(ed, prompts, targets)
+    acc = [(p == torch.tensor(target_token_ids(ed.tok, c, t))).float().mean()
+           for p, c, t in zip(preds, _in_context(ed, prompts), targets)]
+    return torch.stack(acc) if acc else torch.zeros(0)
 
 
 @torch.no_grad()
 def answer_top1(ed, prompts: list[str], answers: list[str]) -> list[torch.Tensor]:
-    """Top-1 predicted tokens at each answer position (teacher forced), per prompt."""
+    """Top-1 predicted tokens at each answer position (teacher forced): per prompt a [len(answer tokens)]
+    long tensor on CPU."""
     device = next(ed.model.parameters()).device
     out = []
     for p, a in zip(_in_context(ed, prompts), answers):
@@ -211,7 +228,7 @@ def withdrawn_prompts(reqs: list[EditRequest]) -> list[str]:
     return [r.prompt for r in reqs[0::2]]
 
 
-def withdrawal(ed, reqs: list[EditRequest], edit_ids: list[str], base_logits: torch.Tensor) -> dict:
+def withdrawal(ed, reqs: list[EditRequest], edit_ids: list[str], base_logits: torch.Tensor, metric: str = NLL) -> dict:
     """Delete every other edit (from the attached memory, or through `ed.delete` where `ed` has one).
 
     `base_logits` [ceil(n/2), vocab]: the unedited model's next-token logits on the prompts of the
@@ -219,7 +236,7 @@ def withdrawal(ed, reqs: list[EditRequest], edit_ids: list[str], base_logits: to
     batch-invariant (a different batch shape moves logits by ~1e-5), so "exactly" needs the same batch.
     Returns
     - `withdrawal_reverted`: share of deleted edits whose logits equal the unedited model's exactly;
-    - `withdrawal_retained`: share of kept edits still successful;
+    - `withdrawal_retained`: success of the kept edits (`efficacy` by `metric`);
     - `withdrawal_shared_subject`: share of deleted edits whose subject a kept edit also has (zsRE
       repeats subjects with other questions): the kept edit's row is the same subject's key, so it
       rightly still fires on the deleted edit's prompt;
@@ -235,7 +252,7 @@ def withdrawal(ed, reqs: list[EditRequest], edit_ids: list[str], base_logits: to
     shared = [reqs[i].subject in kept_subjects for i in gone]
     return {
         "withdrawal_reverted": _rate(same),
-        "withdrawal_retained": efficacy(ed, [reqs[i] for i in kept]) if kept else None,
+        "withdrawal_retained": efficacy(ed, [reqs[i] for i in kept], metric) if kept else None,
         "withdrawal_shared_subject": _rate(shared),
         "withdrawal_reverted_unshared": _rate([x for x, s in zip(same, shared) if not s]),
     }
@@ -393,7 +410,8 @@ def _describe_baseline(method) -> dict:
 def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None = None, threshold: float | None = None,
                    perplexity_text: str | None = None, long_context_text: str | None = None, fluency_prompts: int = 20,
                    progress=None, settings: dict | None = None, edit_cache: dict | None = None,
-                   robust_keys: bool = False, robust_keys_text: str | None = None, calibration=None) -> dict:
+                   robust_keys: bool = False, robust_keys_text: str | None = None, calibration=None,
+                   metric: str = NLL) -> dict:
     """Sequential editing: apply the edits in batches of `batch` (each computed on the model with
     the earlier edits applied), then evaluate all of them at the end.
 
@@ -413,6 +431,8 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
     seen / not seen in training) beside `subject_rephrase`.
     `calibration`: a `CalibrationConfig` (memory methods only): the gate threshold is re-chosen after
     every batch (`MemoryMethod`); the output adds the last `calibration`.
+    `metric`: how efficacy, generalization, subject rephrase and withdrawal retention score a prompt
+    (`NLL` for CounterFact, `TOKEN_ACCURACY` for zsRE: `success_metric`); reported as `metric`.
     Memory methods also report `false_gate_rate`: the share of held-out WikiText tokens the final
     memory gates on (`editing.calibrate.held_out_false_gate_rate`), and `misses`: why the failed
     edit prompts and paraphrases fail (`miss_reasons`).
@@ -450,10 +470,10 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
                 robust_keys_text = corpus_half(default_corpus_path().read_text(), "first")
             trained = m.fit_robust_keys(robust_keys_text)
         out = {
-            "n_edits": len(reqs), "batch": batch,
+            "n_edits": len(reqs), "batch": batch, "metric": metric,
             **(m.describe() if isinstance(m, MemoryMethod) else _describe_baseline(m)),
             **({"robust_keys": trained} if trained else {}),
-            "efficacy": efficacy(m, reqs), "generalization": generalization(m, reqs),
+            "efficacy": efficacy(m, reqs, metric), "generalization": generalization(m, reqs, metric),
             "specificity": neighborhood(m, reqs), "pre_specificity": pre_spec,
             "fluency": fluency(m, [r.prompt for r in reqs[:fluency_prompts]]), "pre_fluency": pre_flu,
         }
@@ -463,11 +483,11 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
         if pre_ppl is not None:
             out["perplexity_delta"] = perplexity(m, perplexity_text) / pre_ppl - 1
         if any(r.subject_rephrases for r in reqs):
-            out["subject_rephrase"] = subject_rephrase(m, reqs)
+            out["subject_rephrase"] = subject_rephrase(m, reqs, metric=metric)
             if trained:
                 k = trained["train_rephrases"]
-                out["subject_rephrase_in_domain"] = subject_rephrase(m, reqs, slice(0, k))
-                out["subject_rephrase_out_of_domain"] = subject_rephrase(m, reqs, slice(k, None))
+                out["subject_rephrase_in_domain"] = subject_rephrase(m, reqs, slice(0, k), metric)
+                out["subject_rephrase_out_of_domain"] = subject_rephrase(m, reqs, slice(k, None), metric)
         out["shuffled_subject"] = shuffled_subject(m, reqs)
         if long_context_text:
             out["long_context"] = long_context(m, reqs, long_context_text)
@@ -479,7 +499,7 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
             same = torch.cat([(x == y).float() for x, y in zip(base_top1, after)]) if locs else torch.zeros(0)
             out["locality"] = _rate(same)
         if m.can_delete:
-            out.update(withdrawal(m, reqs, ids, base_logits))
+            out.update(withdrawal(m, reqs, ids, base_logits, metric))
         else:
             out["withdrawal_reverted"] = out["withdrawal_retained"] = None
     out["seconds"] = round(time.perf_counter() - t0, 2)

@@ -217,9 +217,15 @@ def _prompts(req: CompletionRequest, backend: HFBackend) -> list[list[int]]:
         raise ApiError(400, "prompt must not be empty", param="prompt")
     if all(isinstance(x, str) for x in p):
         return [backend.encode(x) for x in p]
-    if all(isinstance(x, int) for x in p):
-        return [list(p)]
-    return [list(x) for x in p]
+    prompts = [list(p)] if all(isinstance(x, int) for x in p) else [list(x) for x in p]
+    vocab = int(backend.model.get_input_embeddings().num_embeddings)
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ApiError(400, f"prompt {i} has no tokens", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"prompt {i}: token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+    return prompts
 
 
 def create_app(model: str, settings: MemorySettings | None = None, api_key: str | None = None,

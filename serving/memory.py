@@ -40,7 +40,6 @@ import redis
 import torch
 
 from editing.models import cache_dir
-from editing.rep import ARTIFACT_KIND, RobustKeys
 from editing.routed import RoutedFFN
 from editing.routers import ROUTERS, Router, make_router
 from editing.stats import SecondMoment
@@ -48,6 +47,7 @@ from editing.table import MemoryMismatchError, MemorySpec, table_tensors
 from serving.errors import MemoryFollowError, ServingConfigError
 from serving.settings import MemorySettings
 from store import MemoryInfo, MemoryStore, StoreError, StoreUnavailableError, VersionNotFoundError
+from store.artifacts import read_robust_keys
 
 logger = logging.getLogger(__name__)
 
@@ -326,18 +326,10 @@ class MemoryFollower:
         if key is not None and key == self._adapter_key:
             u.query_adapter = self._adapter
             return u
-        where = f"memory {self.name!r} v{u.version}"
-        found = self.store.get_artifact(ARTIFACT_KIND, key) if key else None
-        if found is None:
-            u.problem = f"{where}: robust-keys artifact {key!r} is not in the store"
-            return u
         try:
-            adapter = RobustKeys.from_bytes(found[0])
-        except Exception as exc:  # a torn or foreign file: refuse the version, keep serving the last one
-            u.problem = f"{where}: robust-keys artifact {key!r} cannot be read: {exc}"
-            return u
-        if adapter.d_key != self.spec.d_key:
-            u.problem = f"{where}: robust-keys adapter is for d_key {adapter.d_key}, the memory's is {self.spec.d_key}"
+            adapter = read_robust_keys(self.store, u.router, self.spec.d_key, f"memory {self.name!r} v{u.version}")
+        except StoreError as exc:  # missing, torn or foreign: refuse the version, keep serving the last one
+            u.problem = str(exc)
             return u
         adapter = adapter.to(self.routed.rows.device)
         if self.shard is not None:

@@ -71,3 +71,28 @@ class ArtifactStore:
         if hashlib.sha256(data).hexdigest() != row["sha256"]:
             raise CorruptMemoryError(f"artifact {kind}/{key}: checksum mismatch (corrupt blob)")
         return data, json.loads(row["meta"])
+
+
+def read_robust_keys(store, router: dict | None, d_key: int, where: str):
+    """The REP adapter (`editing.rep.RobustKeys`, on CPU) a memory version's router config names, or None.
+
+    `store`: anything with `get_artifact(kind, key)` (a `MemoryStore`); `router`: the version's router
+    config, whose `robust_keys` entry names the artifact; `where` names the version in errors.
+    Raises `CorruptMemoryError` when the artifact is missing, unreadable or for another key width.
+    """
+    from editing.rep import ARTIFACT_KIND, RobustKeys
+
+    ref = (router or {}).get("robust_keys")
+    if not ref:
+        return None
+    key = ref.get("artifact") if isinstance(ref, dict) else None
+    found = store.get_artifact(ARTIFACT_KIND, key) if key else None
+    if found is None:
+        raise CorruptMemoryError(f"{where}: robust-keys artifact {key!r} is not in the store")
+    try:
+        adapter = RobustKeys.from_bytes(found[0])
+    except Exception as exc:  # a torn or foreign file
+        raise CorruptMemoryError(f"{where}: robust-keys artifact {key!r} cannot be read: {exc}") from exc
+    if adapter.d_key != d_key:
+        raise CorruptMemoryError(f"{where}: robust-keys adapter is for d_key {adapter.d_key}, the memory's is {d_key}")
+    return adapter

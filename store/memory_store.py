@@ -716,7 +716,8 @@ class MemoryStore:
                      router: dict | None = None) -> MemoryVersion:
         """Add the rows of a Parquet/Arrow edit table (existing edit_ids skipped) as one commit.
 
-        A missing memory is created from the file's `kvedit.spec` (and router config, else `router`).
+        A missing memory is created from the file's `kvedit.spec` and router config (else `router`, else
+        the cosine router at its default threshold).
         """
         try:
             head_v: int | None = self.info(name).version
@@ -726,7 +727,7 @@ class MemoryStore:
         if head_v is None:
             if spec is None:
                 raise MemoryNotFoundError(f"{where(name)}: no such memory, and {path} has no kvedit.spec to create it from", name)
-            self.create(name, spec, file_router(table) or router or {}, exist_ok=True)
+            self.create(name, spec, file_router(table) or router or {"name": "cosine"}, exist_ok=True)
         return self._change(name, add=table, delete_ids=None, where_sql=None, message=message or f"import {Path(str(path)).name}",
                             job_id=job_id, skip_existing=True, metadata_update=None, op="import")
 

@@ -116,6 +116,49 @@ def test_cli_bad_batch_writes_nothing(tmp_path):
     assert res.exit_code == 2 and "out of range" in res.output
 
 
+def test_cli_edit_run_refuses_a_mismatched_memory_before_computing(smol, tmp_path):
+    """A memory that cannot take the edits (another threshold) is an error up front, not a traceback
+    after the optimisation; nothing is written to the store."""
+    from cluster.cli import app
+    from store import MemoryStore, stop_embedded_redis
+
+    root = tmp_path / "store"
+    st = MemoryStore(str(root))
+    try:
+        st.create("m", smol.spec, {"name": "cosine", "threshold": 0.9})
+        data = tmp_path / "one.jsonl"
+        data.write_text(json.dumps({"subject": "France", "prompt": "The capital of France is", "target_new": "Rome"}) + "\n")
+        res = CliRunner().invoke(app, ["edit", "run", str(data), "--memory", "m", "--store", str(root), "--threshold", "0.5"])
+        assert res.exit_code == 2 and "threshold fixed at 0.9" in res.output and "optimis" not in res.output
+        assert st.info("m").version == 0 and st.info("m").n_rows == 0
+    finally:
+        st.close()
+        stop_embedded_redis(root)
+
+
+def test_token_accuracy_follows_the_edit(smol, ten_edits):
+    """zsRE scoring (top-1 token accuracy, teacher forced): low for the new targets before the edits,
+    high after, and per prompt a share of the target's tokens."""
+    from editing.evaluate import TOKEN_ACCURACY, efficacy, success_metric, token_accuracy
+
+    recs, edits = ten_edits
+    smol.detach()
+    acc = token_accuracy(smol, [r.prompt for r in recs], [r.target_new for r in recs])
+    ntok = [len(smol.tok(" " + r.target_new, add_special_tokens=False)["input_ids"]) for r in recs]
+    assert acc.shape == (10,) and all(float(a) * n == pytest.approx(round(float(a) * n)) for a, n in zip(acc, ntok))
+    before = efficacy(smol, recs, TOKEN_ACCURACY)
+    try:
+        smol.attach(edits.table)
+        after = efficacy(smol, recs, TOKEN_ACCURACY)
+    finally:
+        smol.detach()
+    assert before <= 0.3 and after >= 0.8, (before, after)
+    assert success_metric("zsre_test.json") == TOKEN_ACCURACY and success_metric("counterfact_test.json") == "nll"
+    assert success_metric("zsre_test.json", "nll") == "nll"
+    with pytest.raises(ValueError, match="unknown success metric 'f1'"):
+        success_metric("x.json", "f1")
+
+
 def test_withdrawal_restores_exact_base_logits_for_deleted_edits(smol, ten_edits):
     from editing.evaluate import efficacy, withdrawal, withdrawn_prompts
 
@@ -223,6 +266,43 @@ def test_robust_keys_are_committed_with_the_memory_and_served_from_it(smol, ten_
         finally:
             follower.close()
     finally:
+        st.close()
+        stop_embedded_redis(root)
+
+
+def test_job_evaluator_follows_each_versions_threshold_and_robust_keys(smol, ten_edits, tmp_path):
+    """The job `Evaluator` measures a version as replicas serve it: a commit that only changes the
+    router config (a recalibrated threshold, a REP adapter) must reach its attached memory by delta."""
+    from editing.rep import ARTIFACT_KIND, RobustKeys
+    from store import MemoryStore, stop_embedded_redis
+    from workers.evaluator import Evaluator
+
+    recs, edits = ten_edits
+    root = tmp_path / "store"
+    st = MemoryStore(str(root))
+    smol.detach()
+    try:
+        st.create("m", smol.spec, {"name": "cosine", "threshold": 0.5})
+        st.commit("m", edits.table)
+        ev = Evaluator()
+        routed = ev._memory_at(smol, st, "m", 1, None)
+        assert routed.version == 1 and float(routed.threshold) == 0.5 and routed.query_adapter is None
+        assert all(smol.efficacy(recs[:3]))
+        adapter = RobustKeys(smol.adapter.d_key, rank=4)
+        key = st.put_artifact(ARTIFACT_KIND, adapter.digest(), adapter.to_bytes()) and adapter.digest()
+        st.commit("m", router_update={"name": "cosine", "threshold": 1.01, "robust_keys": {"artifact": key, **adapter.config()}})
+        routed = ev._memory_at(smol, st, "m", 2, None)
+        assert routed is smol.memory and routed.version == 2, "followed by delta, not reloaded"
+        assert float(routed.threshold) == pytest.approx(1.01) and routed.query_adapter is not None
+        assert not any(smol.efficacy(recs[:3])), "no cosine passes 1.01: the new threshold is in force"
+        st.commit("m", router_update={"name": "cosine", "threshold": 0.5})
+        routed = ev._memory_at(smol, st, "m", 3, None)
+        assert float(routed.threshold) == 0.5 and routed.query_adapter is None
+        st.commit("m", router_update={"name": "cosine", "threshold": 0.5, "robust_keys": {"artifact": "missing"}})
+        with pytest.raises(Exception, match="robust-keys artifact 'missing' is not in the store"):
+            Evaluator()._memory_at(smol, st, "m", 4, None)
+    finally:
+        smol.detach()
         st.close()
         stop_embedded_redis(root)
 

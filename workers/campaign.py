@@ -75,7 +75,7 @@ class CampaignEvaluator:
     def _sequential(self, ed, cell: dict) -> dict:
         from editing import load_records
         from editing.data import data_file
-        from editing.evaluate import run_sequential
+        from editing.evaluate import run_sequential, success_metric
 
         opts = cell["options"]
         records = load_records(data_file(cell["dataset"]), limit=cell["T"], offset=opts["offset"])
@@ -93,7 +93,8 @@ class CampaignEvaluator:
                               calibration=CalibrationConfig(**CALIBRATION) if calibrated else None,
                               perplexity_text=text[: opts["perplexity_chars"]] or None,
                               long_context_text=text[40_000:60_000] if opts["long_context"] else None,
-                              fluency_prompts=opts["fluency_prompts"], edit_cache=self._edit_cache())
+                              fluency_prompts=opts["fluency_prompts"], edit_cache=self._edit_cache(),
+                              metric=success_metric(cell["dataset"]))  # by data set, as `kvedit eval`
 
     def _edit_cache(self, keep: int = 4, keep_batches: int = 1000) -> dict:
         """The edit cache shared by this actor's cells (`editing.evaluate.run_sequential`), trimmed to the

@@ -41,10 +41,12 @@ class Evaluator:
         return self._stores[key]
 
     def _memory_at(self, ed, st, memory: str, version: int, stats_key: str | None):
-        """The editor's model with `memory` at `version` attached."""
+        """The editor's model with `memory` at `version` attached: its rows, its threshold (a calibrated
+        memory re-chooses it at every commit) and its REP robust-keys adapter, as a replica serves it."""
         from editing.stats import SecondMoment
         from editing.table import table_tensors
         from store import StoreError
+        from store.artifacts import read_robust_keys
 
         key = (st.root, memory)
         held = self._attached.get(key)
@@ -54,7 +56,9 @@ class Evaluator:
                 try:
                     delta = st.changes(memory, since=held[1], until=version)
                     ids, k, v = table_tensors(delta.added, ed.spec)
+                    adapter = read_robust_keys(st, delta.router, ed.spec.d_key, f"memory {memory!r} v{version}")
                     routed.apply(ids, k, v, list(delta.deleted), version=version)
+                    self._set_gate(routed, delta.router, adapter)
                     self._attached[key] = (routed, version)
                     return routed
                 except StoreError as exc:  # e.g. the base version was compacted away
@@ -71,11 +75,20 @@ class Evaluator:
             if blob is None:
                 raise ValueError(f"statistics {stats_key} are not in the store")
             stats = SecondMoment.from_bytes(blob[0])
+        adapter = read_robust_keys(st, info.router, ed.spec.d_key, f"memory {memory!r} v{version}")
         ed.detach()
         routed = ed.attach(table, router=router, threshold=info.router.get("threshold"), stats=stats)
+        self._set_gate(routed, info.router, adapter)
         routed.version = version
         self._attached[key] = (routed, version)
         return routed
+
+    @staticmethod
+    def _set_gate(routed, router: dict | None, adapter) -> None:
+        """The version's threshold (the router's default when it names none) and robust-keys adapter."""
+        thr = (router or {}).get("threshold")
+        routed.threshold.fill_(routed.router.default_threshold if thr is None else float(thr))
+        routed.query_adapter = None if adapter is None else adapter.to(routed.rows.device)
 
     def evaluate(self, store: str, redis_url: str | None, memory: str, version: int, model: str, layer: int,
                  requests: list, edit_ids: list[str], stats_key: str | None = None) -> dict:
