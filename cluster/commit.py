@@ -81,7 +81,9 @@ def ensure_memory(st, memory: str, spec, router: str, threshold: float | str | N
 
 
 def calibrated_router(editor, st, memory: str, table: pa.Table, requests: dict | None = None, stats=None) -> dict | None:
-    """The router config for the version committing `table` into `memory`; None unless it is calibrated.
+    """The router-config patch (`threshold`, `calibration`: `MemoryStore.commit(router_patch=...)`) for the
+    version committing `table` into `memory`; None unless it is calibrated. The threshold is chosen on the
+    rows read here; rows another writer commits meanwhile are covered by the next calibrated commit.
 
     editor: an `Editor` of the memory's model and layer. requests: edit_id -> `EditRequest` of the
     new rows (their paraphrases become positives too). stats: C0 for the whitened router
@@ -108,7 +110,7 @@ def calibrated_router(editor, st, memory: str, table: pa.Table, requests: dict |
         return None
     log.info("memory %r: calibrated %s threshold %.4f (recall %.3f, false-gate rate %.2g, %s)", memory, name,
              cal.threshold, cal.recall, cal.false_gate_rate, cal.objective)
-    return {**info.router, "threshold": round(cal.threshold, 6), "calibration": cal.to_dict()}
+    return {"threshold": round(cal.threshold, 6), "calibration": cal.to_dict()}
 
 
 def commit_edits(editor, table: pa.Table, memory: str, store: str | None, redis_url: str | None, router: str,
@@ -123,8 +125,8 @@ def commit_edits(editor, table: pa.Table, memory: str, store: str | None, redis_
     with open_store(store, redis_url) as st:
         have = ensure_memory(st, memory, editor.spec, router, threshold)
         update = calibrated_router(editor, st, memory, table, requests) if is_calibrated(have) else None
-        v = st.commit(memory, add=table, message=f"edit run: {table.num_rows} edits", job_id=job_id, router_update=update)
-    cfg = update or have
+        v = st.commit(memory, add=table, message=f"edit run: {table.num_rows} edits", job_id=job_id, router_patch=update)
+    cfg = {**have, **(update or {})}
     out = {"memory": memory, "version": v.version, "store": st.root, "threshold": cfg.get("threshold")}
     if "calibration" in cfg:
         out["calibration"] = cfg["calibration"]

@@ -584,7 +584,7 @@ class _JobRun:
         try:
             v = self.coord.store.commit(self.spec.memory, add=table, job_id=self.job_id, skip_existing=True,
                                         message=f"job {self.job_id}: {len(indices)} edits",
-                                        router_update=self.calibrated_router(table, indices))
+                                        router_patch=self.calibrated_router(table, indices))
         except StoreUnavailableError:
             raise
         except StoreError as exc:
@@ -604,7 +604,7 @@ class _JobRun:
         self.submit_evaluation(indices, v.version)
 
     def calibrated_router(self, table: pa.Table, indices: list[int]) -> dict | None:
-        """The recalibrated router config for this commit (None: the memory is not calibrated, or
+        """The recalibrated router-config patch for this commit (None: the memory is not calibrated, or
         calibration failed, which is logged and leaves the threshold as it was)."""
         import ray
 

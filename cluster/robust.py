@@ -68,8 +68,8 @@ def train_robust_keys(editor, st, memory: str, records, hp=None, seed: int = 0, 
     key = adapter.digest()
     st.put_artifact(ARTIFACT_KIND, key, adapter.to_bytes(),
                     {"memory": memory, "trained_on_version": info.version, "rows": len(rows), **adapter.config()})
-    router = {**st.info(memory).router, "robust_keys": {"artifact": key, **adapter.config()}}
-    v = st.commit(memory, router_update=router, message=message or f"robust keys trained on {len(rows)} rows")
+    v = st.commit(memory, router_patch={"robust_keys": {"artifact": key, **adapter.config()}},
+                  message=message or f"robust keys trained on {len(rows)} rows")
     seconds = round(time.perf_counter() - t0, 2)
     log.info("memory %r v%d: robust keys %s (%d rows, %.1fs)", memory, v.version, key, len(rows), seconds)
     return {"memory": memory, "version": v.version, "artifact": key, "rows": len(rows), "seconds": seconds}
@@ -77,7 +77,5 @@ def train_robust_keys(editor, st, memory: str, records, hp=None, seed: int = 0, 
 
 def drop_robust_keys(st, memory: str) -> dict:
     """Commit a version without the adapter. Returns {"memory", "version"}."""
-    router = dict(st.info(memory).router)
-    router.pop("robust_keys", None)
-    v = st.commit(memory, router_update=router, message="robust keys removed")
+    v = st.commit(memory, router_patch={"robust_keys": None}, message="robust keys removed")
     return {"memory": memory, "version": v.version}

@@ -452,19 +452,24 @@ class MemoryStore:
         skip_existing: bool = True,
         metadata_update: dict | None = None,
         router_update: dict | None = None,
+        router_patch: dict | None = None,
     ) -> MemoryVersion:
         """Append rows and delete edit_ids in one new version (deletes apply first, so an id in both is replaced).
 
         `skip_existing=True` skips rows whose edit_id is already in the current version (so job
         retries never duplicate an edit); False replaces those rows. Unknown delete ids are
         ignored. `metadata_update` is merged into the per-version metadata (None deletes a key).
-        `router_update` replaces the router config from this version on (a calibrated threshold);
-        its router name must stay the same. A commit that would change nothing creates no version
-        and returns the current one.
+        `router_update` replaces the router config from this version on; its router name must stay
+        the same. `router_patch` sets single keys of it instead (a None value removes the key), merged
+        into the head's config inside the commit, so a concurrent writer's other keys (a recalibrated
+        threshold, a REP adapter) survive. A commit that would change nothing creates no version and
+        returns the current one.
         """
+        if router_update is not None and router_patch is not None:
+            raise StoreError(f"{where(name)}: give router_update or router_patch, not both", name)
         return self._change(name, add=add, delete_ids=delete_ids, where_sql=None, message=message, job_id=job_id,
                             skip_existing=skip_existing, metadata_update=metadata_update, op="commit",
-                            router_update=router_update)
+                            router_update=router_update, router_patch=router_patch)
 
     def delete(
         self, name: str, edit_ids: list[str] | None = None, subject: str | None = None, job_id: str | None = None,
@@ -488,6 +493,7 @@ class MemoryStore:
     def _change(
         self, name: str, *, add: pa.Table | None, delete_ids: list[str] | None, where_sql: str | None, message: str,
         job_id: str | None, skip_existing: bool, metadata_update: dict | None, op: str, router_update: dict | None = None,
+        router_patch: dict | None = None,
     ) -> MemoryVersion:
         head = self._open(name)
         spec, _ = self._state(head, name)
@@ -499,11 +505,12 @@ class MemoryStore:
                 json.dumps(metadata_update)
             except TypeError as exc:
                 raise InvalidRowsError(f"{where(name)}: metadata_update is not JSON-serialisable: {exc}", name) from exc
-        if router_update is not None:
+        if router_update is not None or router_patch is not None:
+            arg = "router_update" if router_update is not None else "router_patch"
             try:
-                router_update = json.loads(json.dumps(router_update))
+                router_update, router_patch = (None if x is None else json.loads(json.dumps(x)) for x in (router_update, router_patch))
             except TypeError as exc:
-                raise StoreError(f"{where(name)}: router_update is not JSON-serialisable: {exc}", name) from exc
+                raise StoreError(f"{where(name)}: {arg} is not JSON-serialisable: {exc}", name) from exc
         written: dict[str, list[FragmentMetadata]] = {}
 
         def fragments_for(ds: lance.LanceDataset, table: pa.Table) -> list[FragmentMetadata]:
@@ -547,11 +554,12 @@ class MemoryStore:
                     new_rows = None
             metadata = _merge_metadata(state.get("metadata", {}), metadata_update)
             router = state.get("router", {})
-            if router_update is not None:
-                if router_update.get("name") != router.get("name"):
+            wanted = _merge_metadata(router, router_patch) if router_patch is not None else router_update
+            if wanted is not None:
+                if wanted.get("name") != router.get("name"):
                     raise MemoryMismatchError(f"{where(name, hv)} has router {router.get('name')!r}; "
-                                              f"a commit cannot switch it to {router_update.get('name')!r}")
-                router = router_update
+                                              f"a commit cannot switch it to {wanted.get('name')!r}")
+                router = wanted
             if new_rows is None and not doomed and metadata == state.get("metadata", {}) and router == state.get("router", {}):
                 return None
             fragments = self._delete_rows(ds, live, doomed, name)

@@ -197,6 +197,27 @@ def test_create_binds_spec_and_router(store, name):
     assert name in [i.name for i in store.ls()]
 
 
+def test_router_patch_sets_single_keys_of_the_head_config(store, name):
+    """A patch is merged into the config of the version it lands on: keys another writer committed
+    in between (a recalibrated threshold) survive a REP adapter commit, and the other way round."""
+    store.create(name, SPEC, {"name": "cosine", "threshold": 0.5, "calibrate": True})
+    v1 = store.commit(name, rows(["a"]), router_patch={"threshold": 0.61})  # a calibrated commit
+    v2 = store.commit(name, router_patch={"robust_keys": {"artifact": "x1"}})  # planned before v1 landed
+    assert v2.version == v1.version + 1
+    assert store.info(name).router == {"name": "cosine", "threshold": 0.61, "calibrate": True, "robust_keys": {"artifact": "x1"}}
+    store.commit(name, rows(["b"]), router_patch={"threshold": 0.64})
+    store.commit(name, router_patch={"robust_keys": None})
+    assert store.info(name).router == {"name": "cosine", "threshold": 0.64, "calibrate": True}
+    assert store.info(name, v2.version).router["threshold"] == 0.61, "earlier versions keep their config"
+    assert store.commit(name, router_patch={"robust_keys": None}).version == store.info(name).version, "no-op"
+    store.commit(name, router_update={"name": "cosine", "threshold": 0.7})  # a whole config replaces the old one
+    assert store.info(name).router == {"name": "cosine", "threshold": 0.7}
+    with pytest.raises(MemoryMismatchError, match="cannot switch"):
+        store.commit(name, router_patch={"name": "whitened"})
+    with pytest.raises(StoreError, match="not both"):
+        store.commit(name, router_update={"name": "cosine"}, router_patch={"threshold": 0.7})
+
+
 def test_invalid_names_are_refused(store):
     for bad in ["", "../x", "a/b", "_hidden", "x y", "a.lance"]:
         with pytest.raises(InvalidNameError):

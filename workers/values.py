@@ -47,7 +47,7 @@ class ValueOptimiser:
 
     def calibrate(self, store: str, redis_url: str | None, memory: str, model: str, overrides: dict | None, table: bytes,
                   requests: dict, stats_key: str | None = None) -> dict | None:
-        """The recalibrated router config for committing `table` (Arrow IPC bytes) into `memory`
+        """The recalibrated router-config patch for committing `table` (Arrow IPC bytes) into `memory`
         (`cluster.commit.calibrated_router`); None unless the memory is calibrated."""
         from cluster.commit import calibrated_router, open_store
         from editing.stats import SecondMoment
