@@ -138,6 +138,11 @@ class Cell:
         key = {k: v for k, v in asdict(self).items() if k != "campaign"}
         overrides = {**self.options.get("edit_config", {}), "layer": self.layer, "seed": self.seed}
         key["edit_settings"] = EditConfig.for_model(self.model, **overrides).to_dict()
+        from editing.evaluate import NLL, success_metric
+
+        metric = success_metric(self.dataset)  # zsRE scores by token accuracy since 2026-12-03; the NLL
+        if metric != NLL:  # comparison is what every earlier cell used, so it leaves their ids as they were
+            key["metric"] = metric
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.method}-T{self.T}-{digest}"
 
