@@ -179,6 +179,45 @@ class CampaignSpec:
         return asdict(self)
 
 
+# The cell fields `--only` may select on, as written in a campaign's grid.
+SELECTABLE = ("dataset", "method", "threshold", "layer", "T", "batch")
+
+
+def select_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:
+    """The cells matching every `FIELD=VALUE` of `only` (`kvedit campaign run --only`), in grid order.
+
+    VALUE is read as YAML, as in the campaign file (`T=400`, `threshold=0.5`, `threshold=null`,
+    `method=cosine+rep`); a field given twice matches either value. A selected cell keeps its id, so
+    its result lands in the same table as a run of the whole grid. An unknown field, a malformed
+    term or a selection that matches no cell is a `CampaignSpecError` naming the `--only` term.
+    """
+    if not only:
+        return list(cells)
+    wanted: dict[str, list] = {}
+    for term in only:
+        name, sep, raw = term.partition("=")
+        name = name.strip()
+        if not sep or not raw.strip():
+            raise CampaignSpecError(f"--only {term}", "expected FIELD=VALUE")
+        if name not in SELECTABLE:
+            raise CampaignSpecError(f"--only {term}", f"unknown field {name!r}; known: {', '.join(SELECTABLE)}")
+        import yaml
+
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise CampaignSpecError(f"--only {term}", f"not a YAML value: {exc}") from exc
+        wanted.setdefault(name, []).append(value)
+    out = [c for c in cells if all(_matches(getattr(c, k), vs) for k, vs in wanted.items())]
+    if not out:
+        raise CampaignSpecError("--only " + " ".join(only), f"matches none of the {len(cells)} cells of the grid")
+    return out
+
+
+def _matches(value, wanted: list) -> bool:
+    return any(value is None and w is None or value is not None and w is not None and value == w for w in wanted)
+
+
 # ------------------------------------------------------------------------------------------ parsing
 
 
@@ -432,7 +471,7 @@ class CampaignRun:
 
 
 def run_campaign(spec: CampaignSpec, store: str | None = None, ray_address: str | None = None, workers: int = 1,
-                 threads: int | None = None, retry_failed: bool = True,
+                 threads: int | None = None, retry_failed: bool = True, only: list[str] | None = None,
                  on_start: Callable[[int, int], None] | None = None,
                  on_cell: Callable[[Cell, dict], None] | None = None) -> CampaignRun:
     """Run every cell not yet finished on `workers` Ray actors, recording each as soon as it finishes.
@@ -440,16 +479,17 @@ def run_campaign(spec: CampaignSpec, store: str | None = None, ray_address: str 
     Cells already recorded as ok are skipped (and failed ones too unless `retry_failed`).
     A failing cell is recorded with its error; the others go on. `on_start(n_todo, n_skipped)`
     is called once, `on_cell(cell, row)` after each recorded cell. `threads`: torch threads per
-    actor (default: the local CPUs shared among the actors, for a local Ray).
+    actor (default: the local CPUs shared among the actors, for a local Ray). `only`: run just the
+    cells `select_cells` picks (the report still sees the whole grid).
     """
     from cluster.runtime import ActorPool, connect_ray, local_cpu_slots
     from workers.campaign import CampaignEvaluator
 
     t0 = time.perf_counter()
     check_datasets(spec)
+    cells = select_cells(spec.cells(), only)
     results = CampaignResults(spec.name, store)
     done = results.finished()
-    cells = spec.cells()
     skip = {"ok"} if retry_failed else {"ok", "error"}
     todo = [c for c in cells if done.get(c.cell_id) not in skip]
     run = CampaignRun(spec.name, results.results_dir, len(cells), len(cells) - len(todo))

@@ -49,11 +49,14 @@ def campaign_run(
     workers: int = typer.Option(1, min=1, help="evaluation actors (each loads the model once)"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads per actor (default: local CPUs / workers)"),
     retry_failed: bool = typer.Option(True, "--retry-failed/--skip-failed", help="re-run cells that failed before"),
+    only: Optional[list[str]] = typer.Option(None, "--only", metavar="FIELD=VALUE",
+                                             help="run only the grid cells with this value (repeatable; e.g. "
+                                                  "--only method=cosine+rep --only T=400)"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
     store: Optional[str] = StoreOpt,
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
-    """Run every cell of the campaign grid not yet finished; each finished cell is recorded at once (resumable)."""
+    """Run every cell of the campaign grid (or of the `--only` selection) not yet finished; each finished cell is recorded at once (resumable)."""
     _setup_logging(verbose)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -80,7 +83,8 @@ def campaign_run(
                 _err.print(f"[yellow]cell {cell.cell_id} failed:[/] {row['error']}", highlight=False)
 
         try:
-            run = run_campaign(spec, store, ray_address, workers, threads, retry_failed, on_start=on_start, on_cell=on_cell)
+            run = run_campaign(spec, store, ray_address, workers, threads, retry_failed, only,
+                               on_start=on_start, on_cell=on_cell)
         except (CampaignSpecError, JobError) as exc:
             _fail(exc, as_json)
     if as_json:

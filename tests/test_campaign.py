@@ -84,6 +84,38 @@ def test_shipped_campaigns_expand_to_their_grids():
     assert len(spec.cells()) == 1 and spec.cells()[0].batch == 5
 
 
+def test_only_selects_grid_cells_by_value_and_keeps_their_ids():
+    from cluster.campaign import select_cells
+
+    cells = load_campaign(CAMPAIGNS / "targets.yaml").cells()
+    assert len(cells) == 12
+    one = select_cells(cells, ["method=cosine+rep", "T=400"])
+    assert [(c.method, c.T) for c in one] == [("cosine+rep", 400)]
+    assert one[0].cell_id in {c.cell_id for c in cells}  # same id, so it lands beside a full run's results
+    two = select_cells(cells, ["T=100", "T=400", "threshold=null"])  # a repeated field matches either value
+    assert [(c.method, c.T) for c in two] == [("cosine+cal", 100), ("cosine+cal", 400)]
+    assert [c.T for c in select_cells(cells, ["threshold=0.5", "method=cosine"])] == [1, 10, 100, 400]
+    assert select_cells(cells, None) == cells
+    for only, reason in [(["depth=3"], "unknown field 'depth'"), (["T"], "FIELD=VALUE"), (["T="], "FIELD=VALUE"),
+                         (["T=[1"], "not a YAML value"), (["method=cosine", "T=7"], "matches none of the 12 cells")]:
+        with pytest.raises(CampaignSpecError) as exc:
+            select_cells(cells, only)
+        assert exc.value.field.startswith("--only") and reason in str(exc.value), (only, str(exc.value))
+
+
+def test_only_with_no_match_exits_before_anything_is_written(tmp_path):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    res = CliRunner().invoke(app, ["campaign", "run", str(_yaml(tmp_path, GOOD)), "--only", "T=400",
+                                   "--store", str(tmp_path / "store"), "--json"])
+    assert res.exit_code == 2
+    err = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "'--only T=400'" in err["message"] and "matches none of the 1 cells" in err["message"]
+    assert not (tmp_path / "store" / "campaigns").exists()
+
+
 def test_synthetic_facts_are_seeded_unique_and_use_real_templates(tmp_path):
     from editing import load_records
     from editing.data import data_file
