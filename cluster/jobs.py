@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -169,6 +170,9 @@ class JobSpec:
         if self.router not in ROUTERS:
             raise JobSpecError(f"{where}: field 'router': unknown router {self.router!r}; choose one of "
                                f"{', '.join(sorted(ROUTERS))}", self.job_id)
+        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+                                           or not math.isfinite(self.threshold)):
+            raise JobSpecError(f"{where}: field 'threshold': expected a finite number, got {self.threshold!r}", self.job_id)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise JobSpecError(f"{where}: field 'batch_size': expected an integer >= 1, got {self.batch_size!r}", self.job_id)
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from editing.routed import RoutedFFN
-from serving.errors import MemoryMismatchError, ServingConfigError
+from serving.errors import MemoryFollowError, MemoryMismatchError, ServingConfigError
 from serving.memory import MemoryFollower, ResolvedMemory, ServedModel, build_routed, resolve_memory
 from serving.settings import MemoryRef, MemorySettings
 
@@ -282,9 +282,14 @@ class ServedMemories:
 def admin_error(exc: BaseException) -> tuple[int, str, str] | None:
     """(HTTP status, OpenAI error type, message) for an admin failure the caller can act on; None otherwise."""
     from store import MemoryNotFoundError, StoreUnavailableError, VersionNotFoundError
+    from store.errors import CorruptMemoryError
 
     if isinstance(exc, MemoryMismatchError):
         return 409, "memory_mismatch", str(exc)
+    if isinstance(exc, MemoryFollowError):  # the version cannot be applied live (router change, capacity, adapter)
+        return 409, "memory_not_loadable", str(exc)
+    if isinstance(exc, CorruptMemoryError):
+        return 409, "memory_corrupt", str(exc)
     if isinstance(exc, (UnknownMemoryError, MemoryNotFoundError, VersionNotFoundError)):
         return 404, "memory_not_found", str(exc)
     if isinstance(exc, StoreUnavailableError):

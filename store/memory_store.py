@@ -651,6 +651,10 @@ class MemoryStore:
         before = self._open(name)
         spec, _ = self._state(before, name)
         n_fragments_before = len(before.get_fragments())
+        if retain_from is not None and not 0 <= retain_from <= kv_version(before.version) + 1:
+            # checked before compacting too: a bad value must not leave a new version behind
+            raise VersionNotFoundError(f"{where(name, retain_from)}: cannot retain from a version after the head "
+                                       f"v{kv_version(before.version)} and its compaction", name, retain_from)
 
         def plan(ds: lance.LanceDataset) -> _Plan | None:
             frags = ds.get_fragments()

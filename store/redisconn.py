@@ -137,7 +137,9 @@ def _start_server(directory: Path, sock: Path) -> None:
             f"logfile {directory / 'redis.log'}",
             "daemonize yes",
             "save 30 1",
-            "appendonly no",
+            # the job queue lives here: an accepted job must survive a SIGKILL of the server (at most 1 s lost)
+            "appendonly yes",
+            "appendfsync everysec",
             "",
         ])
     )

@@ -85,8 +85,30 @@ def anchor_row(spec: MemorySpec) -> pa.Table:
     return pa.table({n: cols[n] for n in schema.names}, schema=schema.remove_metadata())
 
 
-def _vectors(table: pa.Table, column: str, width: int, what: str, memory: str, version: int | None) -> pa.Array:
-    """The column as fixed_size_list<float32>[width], or a mismatch error naming its real width."""
+def _first_bad(ids, bad) -> str:
+    """`edit_id 'x' (row i)` of the first row where the boolean array `bad` is true."""
+    row = int(np.flatnonzero(np.asarray(bad))[0])
+    return f"edit_id {ids[row].as_py()!r} (row {row})" if ids is not None else f"row {row}"
+
+
+def _cast(col, typ: pa.DataType, column: str, memory: str, version: int | None, ids=None):
+    """`col` cast to `typ`, or an `InvalidRowsError` naming the column and the first row that does not cast."""
+    try:
+        return col.cast(typ)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        bad = []
+        for v in col.to_pylist():
+            try:
+                pa.array([v]).cast(typ)
+                bad.append(False)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                bad.append(True)
+        at = f" at {_first_bad(ids, bad)}" if any(bad) else ""
+        raise InvalidRowsError(f"{where(memory, version)}: column {column!r} cannot be read as {typ}{at}: {exc}", memory, version) from exc
+
+
+def _vectors(table: pa.Table, column: str, width: int, what: str, memory: str, version: int | None, ids=None) -> pa.Array:
+    """The column as fixed_size_list<float32>[width], or an error naming its real width or the first bad row."""
     arr = table.column(column).combine_chunks() if table.num_rows else pa.array([], pa.list_(pa.float32(), width))
     typ = arr.type
     if pa.types.is_fixed_size_list(typ):
@@ -97,7 +119,7 @@ def _vectors(table: pa.Table, column: str, width: int, what: str, memory: str, v
             )
     elif pa.types.is_list(typ) or pa.types.is_large_list(typ):
         lengths = pc.unique(pc.list_value_length(arr)).to_pylist() if len(arr) else []
-        bad = [n for n in lengths if n != width]
+        bad = [n for n in lengths if n is not None and n != width]
         if bad:
             raise MemoryMismatchError(
                 f"{where(memory, version)}: rows have {column} of {bad[0]} values, the memory expects {what}={width}"
@@ -105,7 +127,14 @@ def _vectors(table: pa.Table, column: str, width: int, what: str, memory: str, v
     else:
         raise InvalidRowsError(f"{where(memory, version)}: column {column!r} has type {typ}, expected a list of float32", memory, version)
     if arr.null_count:
-        raise InvalidRowsError(f"{where(memory, version)}: column {column!r} has null rows", memory, version)
+        at = _first_bad(ids, arr.is_null().to_numpy(zero_copy_only=False))
+        raise InvalidRowsError(f"{where(memory, version)}: column {column!r} is null at {at}", memory, version)
+    if pc.list_flatten(arr).null_count:
+        per_row = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        flat_null = pc.list_flatten(arr).is_null().to_numpy(zero_copy_only=False)
+        row_of = np.repeat(np.arange(len(arr)), per_row)
+        at = _first_bad(ids, np.isin(np.arange(len(arr)), row_of[flat_null]))
+        raise InvalidRowsError(f"{where(memory, version)}: column {column!r} has a null value at {at}", memory, version)
     target = pa.list_(pa.float32(), width)
     try:
         arr = arr.cast(target)
@@ -113,7 +142,8 @@ def _vectors(table: pa.Table, column: str, width: int, what: str, memory: str, v
         raise InvalidRowsError(f"{where(memory, version)}: column {column!r} cannot be read as float32[{width}]: {exc}", memory, version) from exc
     values = arr.flatten().to_numpy(zero_copy_only=False)
     if values.size and not np.isfinite(values).all():
-        raise InvalidRowsError(f"{where(memory, version)}: column {column!r} has NaN or infinite values", memory, version)
+        at = _first_bad(ids, ~np.isfinite(values.reshape(len(arr), width)).all(axis=1))
+        raise InvalidRowsError(f"{where(memory, version)}: column {column!r} has NaN or infinite values at {at}", memory, version)
     return arr
 
 
@@ -148,9 +178,10 @@ def prepare_rows(
         log.debug("%s: ignoring non-schema columns %s", where(memory, version), extra)
     n = table.num_rows
 
-    ids = table.column("edit_id").cast(pa.string())
+    ids = _cast(table.column("edit_id"), pa.string(), "edit_id", memory, version)
     if ids.null_count or (n and pc.any(pc.equal(pc.utf8_length(ids), 0)).as_py()):
-        raise InvalidRowsError(f"{where(memory, version)}: rows have a null or empty edit_id", memory, version)
+        row = next(i for i, v in enumerate(ids.to_pylist()) if not v)
+        raise InvalidRowsError(f"{where(memory, version)}: row {row} has a null or empty edit_id", memory, version)
     if n and pc.count_distinct(ids).as_py() != n:
         counts = pc.value_counts(ids)
         dup = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:3]
@@ -161,8 +192,8 @@ def prepare_rows(
             return table.column(name)
         return pa.array([default] * n, schema.field(name).type)
 
-    fps = column_or("model_fingerprint", spec.model_fingerprint).cast(pa.string())
-    layers = column_or("layer", spec.layer).cast(pa.int64())
+    fps = _cast(column_or("model_fingerprint", spec.model_fingerprint), pa.string(), "model_fingerprint", memory, version, ids)
+    layers = _cast(column_or("layer", spec.layer), pa.int64(), "layer", memory, version, ids)
     bad_fp = sorted({f for f in pc.unique(fps).to_pylist() if f != spec.model_fingerprint}, key=str)
     bad_layer = sorted({x for x in pc.unique(layers).to_pylist() if x != spec.layer}, key=str)
     if bad_fp or bad_layer:
@@ -173,8 +204,8 @@ def prepare_rows(
             parts.append(f"layer {bad_layer[0]!r} != expected {spec.layer}")
         raise MemoryMismatchError(f"rows for {where(memory, version)} do not match: " + "; ".join(parts))
 
-    keys = _vectors(table, "key", spec.d_key, "d_key", memory, version)
-    residuals = _vectors(table, "residual", spec.d_model, "d_model", memory, version)
+    keys = _vectors(table, "key", spec.d_key, "d_key", memory, version, ids)
+    residuals = _vectors(table, "residual", spec.d_model, "d_model", memory, version, ids)
     jobs = column_or("job_id", None).cast(pa.string())
     if job_id is not None and n:
         jobs = pc.fill_null(jobs, job_id)

@@ -330,6 +330,10 @@ def test_http_api_requires_the_token_for_writes(env, raw_records):
     assert client.post("/jobs", json={**body, "memory": "no/slash"}, headers=good).status_code == 422
     r = client.post("/jobs", json={**body, "job_id": "api-2", "edit_config": {"stepz": 3}}, headers=good)
     assert r.status_code == 422 and "edit_config" in r.json()["detail"]["message"] and not jobs.exists("api-2")
+    for bad in (float("nan"), float("inf")):  # a NaN gate would build a memory that never fires
+        raw = json.dumps({**body, "job_id": "api-3", "threshold": bad})  # NaN / Infinity tokens, as Python clients send them
+        r = client.post("/jobs", content=raw, headers={**good, "Content-Type": "application/json"})
+        assert r.status_code == 422 and "'threshold'" in r.json()["detail"]["message"] and not jobs.exists("api-3")
     assert client.post("/jobs", json={**body, "records": raw_records[:1]}, headers=good).status_code == 409
 
     assert client.get("/jobs/api-1").json()["state"] == "queued"

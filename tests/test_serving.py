@@ -597,6 +597,20 @@ def test_reload_under_load_every_answer_matches_its_version(store, vllm, hf, edi
                                   "vllm_mixed": sum(1 for s in v_seen if s[4] is not None)}
 
 
+def test_admin_failures_are_client_errors_not_500():
+    """What `/admin/memory` answers (both backends share `admin_error`); None means a real server error (500)."""
+    from serving.errors import MemoryFollowError
+    from serving.memory_set import admin_error
+    from store.errors import CorruptMemoryError, MemoryNotFoundError
+
+    cases = [(MemoryFollowError("memory 'm' v3: capacity 16 exceeded"), 409, "memory_not_loadable"),
+             (CorruptMemoryError("memory 'm' v3: fragment missing", "m", 3), 409, "memory_corrupt"),
+             (MemoryNotFoundError("memory 'x' does not exist", "x"), 404, "memory_not_found")]
+    for exc, status, kind in cases:
+        assert admin_error(exc) == (status, kind, str(exc))
+    assert admin_error(RuntimeError("bug")) is None
+
+
 def test_hf_malformed_requests_get_openai_errors(hf):
     cases = [
         ({"model": MODEL}, 400),  # no prompt
@@ -607,6 +621,7 @@ def test_hf_malformed_requests_get_openai_errors(hf):
         ({"model": MODEL, "prompt": [1, -5]}, 400),  # token ids outside the vocabulary
         ({"model": MODEL, "prompt": [[1], [10 ** 9]]}, 400),
         ({"model": MODEL, "prompt": [[1], []]}, 400),
+        ({"model": MODEL, "prompt": "x", "seed": 2 ** 64}, 400),  # outside torch.manual_seed's range
     ]
     for body, status in cases:
         r = hf.post("/v1/completions", json=body, headers=AUTH)

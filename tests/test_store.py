@@ -257,11 +257,24 @@ def test_malformed_rows_are_refused(store, name):
     res[3] = np.nan
     nan = good.set_column(good.schema.get_field_index("residual"), "residual",
                           pa.FixedSizeListArray.from_arrays(pa.array(res), SPEC.d_model))
-    with pytest.raises(InvalidRowsError, match="NaN"):
+    with pytest.raises(InvalidRowsError, match=r"NaN.*edit_id 'a' \(row 0\)"):
         store.commit(name, nan)
     empty_id = good.set_column(0, "edit_id", pa.array(["", "x"]))
-    with pytest.raises(InvalidRowsError, match="edit_id"):
+    with pytest.raises(InvalidRowsError, match="row 0 has a null or empty edit_id"):
         store.commit(name, empty_id)
+    # wrong types name the column and the first row that does not read, not a bare Arrow error
+    bad_layer = good.set_column(good.schema.get_field_index("layer"), "layer", pa.array([3.0, 3.5]))
+    with pytest.raises(InvalidRowsError, match=r"'layer' cannot be read as int64 at edit_id 'b' \(row 1\)"):
+        store.commit(name, bad_layer)
+    list_id = good.set_column(0, "edit_id", pa.array([["a"], ["b"]]))
+    with pytest.raises(InvalidRowsError, match="'edit_id' cannot be read as string at row 0"):
+        store.commit(name, list_id)
+    key_type = good.schema.field("key").type
+    holes = good.set_column(good.schema.get_field_index("key"), "key",
+                            pa.array([[1.0] * SPEC.d_key, [1.0, None] + [1.0] * (SPEC.d_key - 2)], pa.list_(pa.float32())))
+    assert pa.types.is_fixed_size_list(key_type)
+    with pytest.raises(InvalidRowsError, match=r"'key' has a null value at edit_id 'b' \(row 1\)"):
+        store.commit(name, holes)
     with pytest.raises(InvalidRowsError, match="lack"):
         store.commit(name, good.drop_columns(["key"]))
     assert store.info(name).version == 0
@@ -413,6 +426,10 @@ def test_compaction_keeps_history_back_to_retention_point(store, store_root, nam
     for i in range(6):
         store.commit(name, rows([f"r{i}-{j}" for j in range(4)], seed=i), delete_ids=[f"r{i - 1}-0"])
     snaps = {v: store.read(name, v) for v in range(7)}
+    for bad in (-1, 8):  # refused before anything is written: no compaction version is left behind
+        with pytest.raises(VersionNotFoundError, match="cannot retain"):
+            store.compact(name, retain_from=bad)
+        assert store.info(name).version == 6
     result = store.compact(name, retain_from=4)
     assert result["compacted"] and result["fragments_after"] == 1 and result["fragments_before"] == 6
     assert result["removed_versions"] == [0, 1, 2, 3] and result["oldest_version"] == 4
@@ -592,6 +609,27 @@ def test_redis_restart_loses_no_version(tmp_path, name):
         assert s2.commit(name, rows(["z"])).version == 5, "the embedded server is restarted on demand"
         assert s2.current_version(name) == 5
         s2.close()
+    finally:
+        stop_embedded_redis(root)
+
+
+def test_embedded_redis_keeps_accepted_jobs_through_a_sigkill(tmp_path):
+    """The job queue lives in the embedded server: a write it acknowledged survives its SIGKILL (AOF, fsync each second)."""
+    root = tmp_path / "aof-store"
+    try:
+        client = connect_redis(None, str(root))
+        client.xadd("kvedit:jobs", {"job_id": "j1"})
+        client.hset("kvedit:job:j1", mapping={"state": "queued"})
+        time.sleep(1.5)  # one appendfsync period
+        pid = int((root / "_redis" / "redis.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.close()
+        again = connect_redis(None, str(root))  # restarted on demand from its files
+        assert again.xlen("kvedit:jobs") == 1 and again.hget("kvedit:job:j1", "state") == "queued"
+        again.close()
     finally:
         stop_embedded_redis(root)
 
