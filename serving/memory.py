@@ -304,6 +304,9 @@ class MemoryFollower:
         self._basis: torch.Tensor | None = None  # prefilter basis fitted by the watcher, set at the next boundary
         self.basis_pending = False  # a basis is being fitted or waits for the boundary
         self._stage_lock = threading.Lock()
+        # Taking staged versions and applying them is one step: the watcher (auto_apply) and request threads
+        # (step boundaries) both apply, and a later delta applied before an earlier one would be refused.
+        self._apply_lock = threading.RLock()
         self._staged_version: int | None = None
         self._latencies: collections.deque[float] = collections.deque(maxlen=1024)
         self._stop = threading.Event()
@@ -362,10 +365,11 @@ class MemoryFollower:
     def load(self, version: int | None = None) -> None:
         """Read one version whole (the resolved start version by default) and apply it now."""
         update = self._snapshot(self.start_version if version is None else version)
-        with self._stage_lock:
-            self._pending.clear()
-            self._staged_version = update.version
-        self.apply([update], measure=False)
+        with self._apply_lock:
+            with self._stage_lock:
+                self._pending.clear()
+                self._staged_version = update.version
+            self.apply([update], measure=False)
         r = self.routed
         if r.version != update.version:
             raise MemoryFollowError(self.last_error or f"memory {self.name!r} v{update.version} could not be loaded")
@@ -400,14 +404,17 @@ class MemoryFollower:
         return self.apply_pending()
 
     def apply_pending(self) -> bool:
-        updates = self.take_pending()
-        changed = self.apply(updates) if updates else False
-        if self._basis is not None:
-            with self._stage_lock:
-                basis, self._basis = self._basis, None
-            self.routed.set_basis(basis)  # re-projects every row: once, when the memory first grows large
-            self.basis_pending = False
-            logger.info("memory %r: prefilter basis set (%d facts)", self.name, self.routed.n_facts)
+        if not self._pending and self._basis is None:  # cheap check on every step
+            return False
+        with self._apply_lock:
+            updates = self.take_pending()
+            changed = self.apply(updates) if updates else False
+            if self._basis is not None:
+                with self._stage_lock:
+                    basis, self._basis = self._basis, None
+                self.routed.set_basis(basis)  # re-projects every row: once, when the memory first grows large
+                self.basis_pending = False
+                logger.info("memory %r: prefilter basis set (%d facts)", self.name, self.routed.n_facts)
         return changed
 
     def apply(self, updates: list[StagedUpdate], measure: bool = True) -> bool:

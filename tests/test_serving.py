@@ -233,6 +233,51 @@ def test_follower_stages_versions_until_the_step_boundary(tmp_path):
         stop_embedded_redis(root)
 
 
+def test_concurrent_step_boundaries_apply_versions_in_order(tmp_path, monkeypatch):
+    """A request thread and the watcher both apply staged versions (HF backend): the one that takes a delta
+    applies it before anyone takes the next, so a later delta is never refused (which would block following)."""
+    spec = MemorySpec("fp-unit", 2, 16, 8)
+    root = tmp_path / "s"
+    s = MemoryStore(root)
+    try:
+        s.create("m", spec, {"name": "cosine", "threshold": 0.5})
+        s.commit("m", synthetic_rows(spec, ["a"]))
+        settings = MemorySettings(MemoryRef("m"), store=str(root), redis_url=embedded_url(root))
+        resolved = resolve_memory(settings, ServedModel("fp-unit", 4, 16, 8))
+        f = MemoryFollower(resolved, build_routed(resolved))
+        f.load()
+        s.commit("m", synthetic_rows(spec, ["b"], seed=1))
+        assert f.catch_up()  # v2 staged as a delta from v1
+        entered, release = threading.Event(), threading.Event()
+        real_apply = f.apply
+
+        def slow_apply(updates, measure=True):  # the first taker stalls between taking and applying
+            if not entered.is_set():
+                entered.set()
+                assert release.wait(10)
+            return real_apply(updates, measure)
+
+        monkeypatch.setattr(f, "apply", slow_apply)
+        first = threading.Thread(target=f.apply_pending)
+        first.start()
+        assert entered.wait(10)
+        s.commit("m", synthetic_rows(spec, ["c"], seed=2))
+        assert f.catch_up()  # v3, a delta from v2, staged while v2 is taken but not applied
+        second = threading.Thread(target=f.apply_pending)
+        second.start()
+        time.sleep(0.2)
+        release.set()
+        first.join(10)
+        second.join(10)
+        f.apply_pending()
+        assert f.blocked_version is None and f.errors == 0, f.last_error
+        assert f.routed.version == 3 and sorted(f.routed.slots) == ["a", "b", "c"]
+        f.close()
+    finally:
+        s.close()
+        stop_embedded_redis(root)
+
+
 def _wait_staged(f, version, seconds=10.0):
     deadline = time.monotonic() + seconds
     while f.status()["staged_version"] != version:
