@@ -27,6 +27,8 @@ every `RESYNC_SECONDS` (a writer killed between commit and notification publishe
 from __future__ import annotations
 
 import collections
+import copy
+import dataclasses
 import inspect
 import logging
 import math
@@ -340,6 +342,27 @@ class MemoryFollower:
         self._adapter_key, self._adapter = key, adapter
         u.query_adapter = adapter
         return u
+
+    def portable(self, u: StagedUpdate) -> StagedUpdate:
+        """`u` as rank 0 sends it to the other tensor-parallel ranks (pickled): the unsharded adapter, on the CPU.
+
+        This rank's `ShardedAdapter` holds an all-gather closure and this rank's columns; neither may travel.
+        """
+        adapter = u.query_adapter
+        if isinstance(adapter, ShardedAdapter):
+            adapter = adapter.adapter
+        if adapter is not None:
+            adapter = copy.deepcopy(adapter).cpu()
+        return dataclasses.replace(u, query_adapter=adapter)
+
+    def localize(self, u: StagedUpdate) -> StagedUpdate:
+        """A `portable` update received from rank 0, with its adapter on this rank's device and key columns."""
+        adapter = u.query_adapter
+        if adapter is not None:
+            adapter = adapter.to(self.routed.rows.device)
+            if self.shard is not None:
+                adapter = ShardedAdapter(adapter, self.shard)
+        return dataclasses.replace(u, query_adapter=adapter)
 
     def _snapshot(self, version: int | None) -> StagedUpdate:
         info, table = self.store.load(self.name, version, spec=self.spec)

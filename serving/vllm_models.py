@@ -134,7 +134,12 @@ class WorkerMemory:
         if self.tp is None:
             self.follower.apply_pending()
             return
-        updates = self.tp.share_updates(self.follower.take_pending() if self.tp.leader else [])
+        # Rank 0 shares what it staged; each rank serves the adapter through its own key columns.
+        if self.tp.leader:
+            updates = self.follower.take_pending()
+            self.tp.share_updates([self.follower.portable(u) for u in updates])
+        else:
+            updates = [self.follower.localize(u) for u in self.tp.share_updates([])]
         if updates:
             self.follower.apply(updates)
 

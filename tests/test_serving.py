@@ -349,6 +349,78 @@ def test_follower_routes_through_the_versions_robust_keys_adapter(tmp_path):
         stop_embedded_redis(root)
 
 
+def test_tensor_parallel_ranks_share_versions_with_their_own_adapter_columns(tmp_path):
+    """Under TP, rank 0 stages a version with a REP adapter and sends it to the other ranks (vLLM pickles it):
+    what travels must pickle (no rank's all-gather closure), and each rank serves the adapter on its own columns."""
+    import pickle
+
+    from editing.rep import ARTIFACT_KIND, RobustKeys
+    from serving.memory import KeyShard, ShardedAdapter
+    from serving.vllm_models import WorkerMemory
+
+    spec = MemorySpec("fp-unit", 2, 16, 8)
+    root = tmp_path / "s"
+    s = MemoryStore(root)
+    ranks = []
+    try:
+        s.create("m", spec, {"name": "cosine", "threshold": 0.5})
+        s.commit("m", synthetic_rows(spec, ["a", "b"]))
+        torch.manual_seed(1)
+        adapter = RobustKeys(16, rank=4)
+        with torch.no_grad():
+            adapter.up.normal_(0, 1.0)
+            adapter.gate_b.fill_(4.0)
+        s.put_artifact(ARTIFACT_KIND, adapter.digest(), adapter.to_bytes(), {})
+        router = s.info("m").router
+        s.commit("m", synthetic_rows(spec, ["c"], seed=1),
+                 router_update={**router, "robust_keys": {"artifact": adapter.digest(), **adapter.config()}})
+        full = torch.randn(5, 16)  # a query's whole key, as an all-gather would assemble it on every rank
+        pool = torch.cat([full, torch.tensor(s.read("m").column("key").to_pylist())])
+
+        def all_gather(part: torch.Tensor) -> torch.Tensor:  # each row: the whole key its slice was cut from
+            return torch.stack([next(w for w in pool for a in (0, 8) if torch.equal(w[a:a + 8], p)) for p in part])
+
+        wire: list[bytes] = []
+
+        class FakeTP:  # torch.distributed's broadcast_object, in one process
+            def __init__(self, leader: bool):
+                self.leader = leader
+
+            def share_updates(self, updates):
+                if self.leader:
+                    wire.append(pickle.dumps(updates))
+                    return updates
+                return pickle.loads(wire[-1])
+
+            def share(self, obj):
+                return obj
+
+        settings = MemorySettings(MemoryRef("m"), store=str(root), redis_url=embedded_url(root))
+        for rank in (0, 1):
+            resolved = resolve_memory(settings, ServedModel("fp-unit", 4, 16, 8))
+            shard = KeyShard(8 * rank, 8 * rank + 8, lambda t: all_gather(t))
+            f = MemoryFollower(resolved, build_routed(resolved, shard=shard), shard=shard, watch=False)
+            f.load(1)  # every rank starts at v1 (rank 0's choice)
+            ranks.append(WorkerMemory(f, FakeTP(leader=rank == 0)))
+            ranks[-1].started = True
+        assert ranks[0].follower.catch_up()  # what the watcher stages on rank 0: v2 with its adapter
+        for w in ranks:
+            w.boundary()
+        assert wire, "rank 0 sent the version"
+        for rank, w in enumerate(ranks):
+            r = w.follower.routed
+            assert r.version == 2 and sorted(r.slots) == ["a", "b", "c"] and w.follower.errors == 0
+            assert isinstance(r.query_adapter, ShardedAdapter) and r.query_adapter.shard.start == 8 * rank
+            with torch.no_grad():
+                torch.testing.assert_close(r.query_adapter(full[:, 8 * rank: 8 * rank + 8]),
+                                           adapter(full)[:, 8 * rank: 8 * rank + 8])
+    finally:
+        for w in ranks:
+            w.follower.close()
+        s.close()
+        stop_embedded_redis(root)
+
+
 def test_follower_fits_the_prefilter_when_deltas_grow_the_memory(tmp_path):
     """A memory that grows past the prefilter size through deltas gets the basis a restarted replica would have:
     fitted by the watcher, set only at a step boundary."""
