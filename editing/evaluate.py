@@ -19,7 +19,7 @@ import torch
 from editing.baselines import BASELINES, EditMethod, make_baseline
 from editing.metrics import greedy_generate, new_beats_true, next_token_logits, target_nll
 from editing.prompts import pad_batch, target_token_ids
-from editing.records import EditRequest
+from editing.records import EditRecordError, EditRequest
 from editing.routers import ROUTERS
 
 
@@ -46,6 +46,21 @@ def _rate(flags: torch.Tensor | list) -> float | None:
     return None if flags.numel() == 0 else float(flags.mean())
 
 
+def _rate_per_edit(flags: torch.Tensor | list, owners: list) -> float | None:
+    """The mean over edits of each edit's mean flag (`owners[i]` identifies the edit `flags[i]` belongs to).
+
+    rome/memit's `summarize.py` averages paraphrase, neighbourhood and zsRE token scores per case
+    first, so an edit with 30 paraphrases weighs as much as one with 2.
+    """
+    flags = torch.as_tensor(flags, dtype=torch.float32).reshape(-1)
+    if flags.numel() == 0:
+        return None
+    groups: dict = {}
+    for f, o in zip(flags.tolist(), owners):
+        groups.setdefault(o, []).append(f)
+    return sum(sum(v) / len(v) for v in groups.values()) / len(groups)
+
+
 # How success on a prompt is scored (rome/memit): CounterFact compares the mean per-token NLL of
 # " target_new" and " target_true" (`eval_utils_counterfact`); zsRE takes the top-1 token accuracy of
 # " target_new" under teacher forcing, averaged per prompt (`eval_utils_zsre`).
@@ -64,12 +79,15 @@ def success_metric(data: str | None, metric: str = "auto") -> str:
 
 
 def _success(ed, prompts: list[str], reqs: list[EditRequest], metric: str = NLL) -> float | None:
-    """Mean success of " target_new" after each prompt (`reqs[i]` owns `prompts[i]`), by `metric`."""
+    """Success of " target_new" after each prompt (`reqs[i]` owns `prompts[i]`), by `metric`: the mean
+    over requests of each request's mean over its prompts (`_rate_per_edit`)."""
     if not prompts:
         return None
     if metric == TOKEN_ACCURACY:
-        return _rate(token_accuracy(ed, prompts, [r.target_new for r in reqs]))
-    return _rate(_beats(ed, prompts, [r.target_new for r in reqs], [r.target_true for r in reqs]))
+        flags = token_accuracy(ed, prompts, [r.target_new for r in reqs])
+    else:
+        flags = _beats(ed, prompts, [r.target_new for r in reqs], [r.target_true for r in reqs])
+    return _rate_per_edit(flags, [id(r) for r in reqs])
 
 
 def efficacy(ed, reqs: list[EditRequest], metric: str = NLL) -> float | None:
@@ -85,14 +103,16 @@ def generalization(ed, reqs: list[EditRequest], metric: str = NLL) -> float | No
 
 
 def neighborhood(ed, reqs: list[EditRequest]) -> float | None:
-    """Share of neighbourhood prompts where the true answer still beats " target_new" (specificity)."""
-    triples = [(p, a or r.target_true, r.target_new) for r in reqs for p, a in zip(r.locality_prompts, r.locality_answers)]
-    if not triples:
+    """Share of neighbourhood prompts where the true answer still beats " target_new" (specificity),
+    averaged per edit (`_rate_per_edit`)."""
+    quads = [(p, a or r.target_true, r.target_new, i) for i, r in enumerate(reqs)
+             for p, a in zip(r.locality_prompts, r.locality_answers)]
+    if not quads:
         return None
-    prompts = _in_context(ed, [t[0] for t in triples])
-    nll_true = target_nll(ed.model, ed.tok, prompts, [t[1] for t in triples])
-    nll_new = target_nll(ed.model, ed.tok, prompts, [t[2] for t in triples])
-    return _rate(nll_true < nll_new)
+    prompts = _in_context(ed, [t[0] for t in quads])
+    nll_true = target_nll(ed.model, ed.tok, prompts, [t[1] for t in quads])
+    nll_new = target_nll(ed.model, ed.tok, prompts, [t[2] for t in quads])
+    return _rate_per_edit(nll_true < nll_new, [t[3] for t in quads])
 
 
 @torch.no_grad()
@@ -138,31 +158,39 @@ def subject_rephrase(ed, reqs: list[EditRequest], which: slice = slice(None), me
     return _success(ed, [p for p, _ in pairs], [r for _, r in pairs], metric)
 
 
-def shuffle_subject(tok, subject: str, seed: int) -> str:
-    """The subject with its tokens in a seeded random order (a different order when possible)."""
-    ids = tok(subject, add_special_tokens=False)["input_ids"]
+def shuffle_subject(tok, subject: str, seed: int, leading_space: bool = False) -> str:
+    """The subject with its tokens in a seeded random order (a different order when possible).
+
+    `leading_space`: tokenize " subject", as the subject is tokenized inside a prompt where a word
+    precedes it. The decoded pieces are rejoined with single spaces, without a leading one.
+    """
+    ids = tok((" " if leading_space else "") + subject, add_special_tokens=False)["input_ids"]
     rng = random.Random(seed)
     order = list(range(len(ids)))
     for _ in range(10):
         rng.shuffle(order)
         if order != sorted(order) or len(ids) < 2:
             break
-    return tok.decode([ids[i] for i in order])
+    return " ".join(tok.decode([ids[i] for i in order]).split())
 
 
-def shuffled_subject(ed, reqs: list[EditRequest], seed: int = 0) -> float | None:
-    """Success of the new target with the subject's tokens shuffled (REP)."""
-    pairs = [(r.prompt.replace(r.subject, shuffle_subject(ed.tok, r.subject, seed + i), 1), r) for i, r in enumerate(reqs)]
-    return _rate(_beats(ed, [p for p, _ in pairs], [r.target_new for _, r in pairs],
-                        [r.target_true for _, r in pairs]))
+def shuffled_prompt(tok, r: EditRequest, seed: int) -> str:
+    """`r.prompt` with its subject's tokens shuffled (`shuffle_subject`, tokenized as in the prompt)."""
+    at = r.prompt.find(r.subject)
+    lead = at > 0 and r.prompt[at - 1] == " "
+    return r.prompt.replace(r.subject, shuffle_subject(tok, r.subject, seed, lead), 1)
 
 
-def long_context(ed, reqs: list[EditRequest], context: str, tokens: int = 512) -> float | None:
-    """Success of the new target with about `tokens` tokens of unrelated text prepended (REP)."""
-    ids = ed.tok(context)["input_ids"][:tokens]
-    prefix = ed.tok.decode(ids).strip() + "\n\n"
-    return _rate(_beats(ed, [prefix + r.prompt for r in reqs], [r.target_new for r in reqs],
-                        [r.target_true for r in reqs]))
+def shuffled_subject(ed, reqs: list[EditRequest], seed: int = 0, metric: str = NLL) -> float | None:
+    """Success of the new target with the subject's tokens shuffled (REP), by `metric`."""
+    return _success(ed, [shuffled_prompt(ed.tok, r, seed + i) for i, r in enumerate(reqs)], reqs, metric)
+
+
+def long_context(ed, reqs: list[EditRequest], context: str, tokens: int = 512, metric: str = NLL) -> float | None:
+    """Success of the new target with about `tokens` tokens of unrelated text prepended (REP), by `metric`."""
+    ids = ed.tok(context, add_special_tokens=False)["input_ids"][:tokens]
+    prefix = ed.tok.decode(ids, skip_special_tokens=True).strip() + "\n\n"
+    return _success(ed, [prefix + r.prompt for r in reqs], reqs, metric)
 
 
 def token_accuracy(ed, prompts: list[str], targets: list[str]) -> torch.Tensor:
@@ -441,11 +469,20 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
     import time
 
     t0 = time.perf_counter()
+    for i in range(0, len(reqs), batch):  # every record before any edit: a bad one late in the file wastes no work
+        ed.validate(reqs[i: i + batch])
+    if metric == NLL:  # CounterFact-style success compares the new target with the true one
+        for i, r in enumerate(reqs):
+            if not r.target_true.strip():
+                raise EditRecordError(**r.where(i), field="target_true",
+                                      reason="empty: NLL scoring compares target_new with target_true "
+                                             "(score zsRE-style data with token accuracy)")
     method = open_method(ed, router, threshold, settings, edit_cache, calibration)
     if robust_keys and not isinstance(method, MemoryMethod):
         raise ValueError(f"robust keys adapt the memory's routing; method {router!r} has no memory")
     ed.detach()
-    before_key = ("unedited", id(ed), ed.layer, tuple((r.prompt, r.subject) for r in reqs), perplexity_text, fluency_prompts)
+    # every field of every request: the neighbourhood prompts and targets decide pre_specificity
+    before_key = ("unedited", id(ed), ed.layer, tuple(map(repr, reqs)), perplexity_text, fluency_prompts)
     before = edit_cache.get(before_key) if edit_cache is not None else None
     if before is None:  # the unedited model's side, shared by every run on the same Editor and requests
         before = (next_token_logits(ed.model, ed.tok, withdrawn_prompts(reqs)), neighborhood(ed, reqs),
@@ -488,16 +525,17 @@ def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None =
                 k = trained["train_rephrases"]
                 out["subject_rephrase_in_domain"] = subject_rephrase(m, reqs, slice(0, k), metric)
                 out["subject_rephrase_out_of_domain"] = subject_rephrase(m, reqs, slice(k, None), metric)
-        out["shuffled_subject"] = shuffled_subject(m, reqs)
+        out["shuffled_subject"] = shuffled_subject(m, reqs, metric=metric)
         if long_context_text:
-            out["long_context"] = long_context(m, reqs, long_context_text)
+            out["long_context"] = long_context(m, reqs, long_context_text, metric=metric)
         if any(r.locality_prompts for r in reqs):
-            locs = [(p, a) for r in reqs for p, a in zip(r.locality_prompts, r.locality_answers) if a]
+            locs = [(p, a, i) for i, r in enumerate(reqs) for p, a in zip(r.locality_prompts, r.locality_answers) if a]
             with m.disabled():
-                base_top1 = answer_top1(m, [p for p, _ in locs], [a for _, a in locs])
-            after = answer_top1(m, [p for p, _ in locs], [a for _, a in locs])
-            same = torch.cat([(x == y).float() for x, y in zip(base_top1, after)]) if locs else torch.zeros(0)
-            out["locality"] = _rate(same)
+                base_top1 = answer_top1(m, [p for p, _, _ in locs], [a for _, a, _ in locs])
+            after = answer_top1(m, [p for p, _, _ in locs], [a for _, a, _ in locs])
+            same = [(x == y).float() for x, y in zip(base_top1, after)]
+            owners = [i for (_, _, i), s in zip(locs, same) for _ in range(s.numel())]
+            out["locality"] = _rate_per_edit(torch.cat(same) if same else torch.zeros(0), owners)
         if m.can_delete:
             out.update(withdrawal(m, reqs, ids, base_logits, metric))
         else:

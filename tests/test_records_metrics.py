@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from editing.evaluate import ngram_entropy, shuffle_subject
+from editing.evaluate import _rate_per_edit, ngram_entropy, shuffle_subject, shuffled_prompt
 from editing.records import EditRecordError, load_records, parse_record
 
 
@@ -135,10 +135,43 @@ def test_ngram_entropy_by_hand():
     assert ngram_entropy("") == 0.0
 
 
+def test_rate_per_edit_averages_each_edit_first():
+    # edit a: 3 of 3 paraphrases succeed, edit b: 0 of 1 -> (1 + 0) / 2, not the pooled 3 / 4 (rome's summarize.py)
+    assert _rate_per_edit([1, 1, 1, 0], ["a", "a", "a", "b"]) == pytest.approx(0.5)
+    assert _rate_per_edit([1, 0, 1, 0], [0, 0, 1, 1]) == pytest.approx(0.5)
+    assert _rate_per_edit([], []) is None
+
+
 def test_shuffle_subject_permutes_tokens(tokenizer):
     s = "Danielle Darrieux"
-    shuffled = shuffle_subject(tokenizer, s, seed=0)
-    assert shuffled != s
-    pieces = [tokenizer.decode([i]) for i in tokenizer(s, add_special_tokens=False)["input_ids"]]
-    assert len(pieces) > 1 and any("".join(p) == shuffled for p in itertools.permutations(pieces))
-    assert shuffle_subject(tokenizer, s, seed=0) == shuffled
+    for lead in (False, True):  # tokenized alone, or as inside a prompt after a word (" Danielle")
+        shuffled = shuffle_subject(tokenizer, s, seed=0, leading_space=lead)
+        assert shuffled != s and shuffled == shuffled.strip() and "  " not in shuffled
+        ids = tokenizer((" " if lead else "") + s, add_special_tokens=False)["input_ids"]
+        pieces = [tokenizer.decode([i]) for i in ids]
+        assert len(pieces) > 1 and any(" ".join("".join(p).split()) == shuffled for p in itertools.permutations(pieces))
+        assert shuffle_subject(tokenizer, s, seed=0, leading_space=lead) == shuffled
+    from editing.records import EditRequest
+
+    r = EditRequest(subject=s, prompt="The mother tongue of Danielle Darrieux is", target_new="English")
+    p = shuffled_prompt(tokenizer, r, seed=0)
+    assert p.startswith("The mother tongue of ") and p.endswith(" is") and "  " not in p and s not in p
+
+
+def test_bad_records_stop_an_evaluation_before_any_edit(smol, cf_valid, monkeypatch):
+    """Every record is checked before the first batch is computed, and NLL scoring needs target_true."""
+    import dataclasses
+
+    from editing.evaluate import run_sequential
+
+    calls = []
+    real = smol.compute
+    monkeypatch.setattr(smol, "compute", lambda *a, **k: calls.append(1) or real(*a, **k))
+    reqs = list(cf_valid[:3])
+    no_true = reqs[:2] + [dataclasses.replace(reqs[2], target_true="")]
+    with pytest.raises(EditRecordError, match=r"record 2.*target_true"):
+        run_sequential(smol, no_true, batch=1, router="cosine", fluency_prompts=0)
+    bad_subject = reqs[:2] + [dataclasses.replace(reqs[2], subject="Nobody Atall")]
+    with pytest.raises(EditRecordError, match="subject"):
+        run_sequential(smol, bad_subject, batch=1, router="cosine", fluency_prompts=0)
+    assert calls == [] and smol.memory is None, "nothing was computed or attached"
