@@ -32,7 +32,7 @@ import pyarrow as pa
 from cluster.jobs import (
     JobNotFoundError, JobSpec, JobState, JobStatus, JobStore, QueueUnavailableError, RecordState, job_edit_id,
 )
-from cluster.queue import Delivery, JobQueue
+from cluster.queue import Delivery, JobQueue, LeaseKeeper
 from cluster.runtime import ActorPool, Outcome, connect_ray, default_consumer, local_cpu_slots
 from workers.common import ipc_to_table
 
@@ -53,6 +53,8 @@ class CoordinatorConfig:
         max_batch_attempts: runs of a batch whose actor keeps dying before the batch fails.
         max_job_attempts: starts of a job (coordinator crashes) before the job fails.
         http_port: serve the HTTP API on this port (None: no API).
+        queue_outage_seconds: ride out a Redis outage this long (retrying with backoff; the job
+            in hand is left to this or the next coordinator) before `run` gives up.
     """
 
     store: str | None = None
@@ -71,6 +73,7 @@ class CoordinatorConfig:
     http_host: str = "127.0.0.1"
     log_to_driver: bool = True
     stats_shard_tokens: int = 4096
+    queue_outage_seconds: float = 120.0
 
 
 @dataclass
@@ -219,21 +222,36 @@ class Coordinator:
         reclaim_every = max(0.5, cfg.lease_seconds / 3)
         last_reclaim = 0.0
         processed = 0
+        outage_since: float | None = None
         while not self.stop_event.is_set():
             if until is not None and until():
                 break
             if max_jobs is not None and processed >= max_jobs:
                 break
-            if not backlog and time.monotonic() - last_reclaim >= reclaim_every:
-                backlog = self.queue.reclaim(self.consumer, cfg.lease_seconds)
-                last_reclaim = time.monotonic()
-            delivery = backlog.pop(0) if backlog else self.queue.read(self.consumer, int(cfg.poll_seconds * 1000))
-            if delivery is None:
-                if idle_exit:
+            try:
+                if outage_since is not None:  # back after an outage: our own unfinished entries first
+                    backlog = self.queue.own_pending(self.consumer)
+                    log.info("job queue reachable again after %.1fs", time.monotonic() - outage_since)
+                    outage_since = None
+                if not backlog and time.monotonic() - last_reclaim >= reclaim_every:
+                    backlog = self.queue.reclaim(self.consumer, cfg.lease_seconds)
+                    last_reclaim = time.monotonic()
+                delivery = backlog.pop(0) if backlog else self.queue.read(self.consumer, int(cfg.poll_seconds * 1000))
+                if delivery is None:
+                    if idle_exit:
+                        break
+                    continue
+                if self.process(delivery) is not None:
+                    processed += 1
+            except QueueUnavailableError as exc:
+                now = time.monotonic()
+                outage_since = now if outage_since is None else outage_since
+                if now - outage_since > cfg.queue_outage_seconds:
+                    raise
+                log.warning("job queue unavailable (%s); retrying", exc)
+                backlog = []
+                if self.stop_event.wait(min(5.0, 0.5 + (now - outage_since) / 4)):
                     break
-                continue
-            if self.process(delivery) is not None:
-                processed += 1
         return processed
 
     def process(self, delivery: Delivery) -> JobStatus | None:
@@ -248,8 +266,11 @@ class Coordinator:
             self.queue.ack(delivery.entry_id)
             return None
         run = _JobRun(self, delivery, spec)
+        keeper = LeaseKeeper(self.queue, self.consumer, delivery.entry_id, max(0.2, self.config.lease_seconds / 4))
         try:
-            status = run.execute()
+            with keeper:
+                run.keeper = keeper
+                status = run.execute()
         except _Handover:
             log.warning("job %s: coordinator stopping; left for the next coordinator", spec.job_id)
             return None
@@ -265,7 +286,8 @@ class Coordinator:
                 raise QueueUnavailableError(f"job {spec.job_id}: {exc}; left for the next coordinator", spec.job_id) from exc
             log.exception("job %s: failed", spec.job_id)
             status = run.finish(JobState.FAILED, error=f"job {spec.job_id}: {type(exc).__name__}: {exc}")
-        self.queue.ack(delivery.entry_id)
+        if not self.queue.ack_owned(self.consumer, delivery.entry_id):
+            log.warning("job %s: finished after another coordinator took it over; its entry is theirs", spec.job_id)
         return status
 
     # ------------------------------------------------------------------ statistics
@@ -339,6 +361,7 @@ class _Pending:
     payload: dict
     indices: list[int]
     tries: int = 1
+    generation: int = 0  # the slot's actor generation the call went to
 
 
 @dataclass
@@ -356,7 +379,7 @@ class _JobRun:
     layer: int | None = None
     evals: list[_Pending] = field(default_factory=list)
     first_attempt: bool = True
-    _last_beat: float = 0.0
+    keeper: "LeaseKeeper | None" = None
 
     @property
     def job_id(self) -> str:
@@ -368,12 +391,9 @@ class _JobRun:
         self.coord.on_event(JobEvent(self.job_id, stage, done, total, state, message))
 
     def beat(self) -> None:
-        """Renew the lease on the job's stream entry (about four times per lease)."""
-        now = time.monotonic()
-        if now - self._last_beat >= max(0.2, self.coord.config.lease_seconds / 4):
-            if not self.coord.queue.heartbeat(self.coord.consumer, self.delivery.entry_id):
-                raise _LeaseLost()
-            self._last_beat = now
+        """Stop (`_LeaseLost`) if another coordinator took the job over; the `LeaseKeeper` renews the lease."""
+        if self.keeper is not None and self.keeper.lost.is_set():
+            raise _LeaseLost()
 
     def tick(self) -> None:
         """Renew the lease, notice cancellation, and record finished evaluations."""
@@ -634,7 +654,8 @@ class _JobRun:
                        version=version, model=self.spec.model, layer=self.layer,
                        requests=[self.requests[i] for i in indices],
                        edit_ids=[job_edit_id(self.job_id, i) for i in indices], stats_key=self.stats_key)
-        self.evals.append(_Pending(slot.handle.evaluate.remote(**payload), slot, payload, indices))
+        self.evals.append(_Pending(slot.handle.evaluate.remote(**payload), slot, payload, indices,
+                                   generation=slot.generation))
         self.event("evaluate", self.counters()["n_evaluated"], self.count(RecordState.COMMITTED))
 
     def evaluate_leftovers(self) -> None:
@@ -665,8 +686,10 @@ class _JobRun:
                     res = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - sorted below
                     if actor_died(exc) and p.tries < 2 and pool is not None:
-                        pool.replace(p.slot)
+                        if p.slot.generation == p.generation:  # not yet replaced for another call it held
+                            pool.replace(p.slot)
                         p.ref, p.tries = p.slot.handle.evaluate.remote(**p.payload), p.tries + 1
+                        p.generation = p.slot.generation
                         self.evals.append(p)
                     else:
                         log.warning("job %s: evaluation of %d edits failed: %s", self.job_id, len(p.indices), task_cause(exc))

@@ -11,6 +11,7 @@ the queue depth (waiting + in progress).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import redis
@@ -25,6 +26,16 @@ _HEARTBEAT = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+
+# Acknowledge (and delete) an entry only while this consumer owns it: a coordinator that lost its
+# lease and finished anyway must not delete the entry the new owner is working on.
+_ACK = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
 """
 
@@ -44,6 +55,7 @@ class JobQueue:
     def __init__(self, client: redis.Redis, stream: str = STREAM, group: str = GROUP):
         self.client, self.stream, self.group = client, stream, group
         self._heartbeat = client.register_script(_HEARTBEAT)
+        self._ack_owned = client.register_script(_ACK)
 
     def _call(self, fn, *args, **kwargs):
         try:
@@ -103,6 +115,10 @@ class JobQueue:
         """Renew the lease on an entry; False when another coordinator has taken it over."""
         return bool(self._call(self._heartbeat, keys=[self.stream], args=[self.group, consumer, entry_id]))
 
+    def ack_owned(self, consumer: str, entry_id: str) -> bool:
+        """Acknowledge and delete an entry if `consumer` still owns it; False (and nothing done) otherwise."""
+        return bool(self._call(self._ack_owned, keys=[self.stream], args=[self.group, consumer, entry_id]))
+
     def ack(self, entry_id: str) -> None:
         """Acknowledge and delete a finished entry."""
         pipe = self.client.pipeline(transaction=True)
@@ -123,3 +139,37 @@ class JobQueue:
         except redis.RedisError as exc:
             raise QueueUnavailableError(f"job queue: Redis error on {self.stream}: {exc}") from exc
         return int(info.get("pending", 0))
+
+
+class LeaseKeeper:
+    """Renews a consumer's lease on one entry from a background thread, every `interval` seconds.
+
+    The work on a job has long stretches that cannot beat themselves (loading a model, a commit
+    waiting for the store, a calibration on Ray); the lease must outlive them. `lost` is set once
+    another consumer owns the entry (the worker then stops at its next check); a Redis outage is
+    retried at the next interval. Use as a context manager.
+    """
+
+    def __init__(self, queue: JobQueue, consumer: str, entry_id: str, interval: float):
+        self.queue, self.consumer, self.entry_id, self.interval = queue, consumer, entry_id, interval
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"kvedit-lease-{entry_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.queue.heartbeat(self.consumer, self.entry_id):
+                    log.warning("lease on stream entry %s lost to another coordinator", self.entry_id)
+                    self.lost.set()
+                    return
+            except QueueUnavailableError as exc:
+                log.warning("lease on stream entry %s not renewed: %s", self.entry_id, exc)
+
+    def __enter__(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

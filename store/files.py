@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import fsspec
@@ -46,10 +47,12 @@ def write_table_file(table: pa.Table, out: str | os.PathLike, fmt: str = "parque
     if _is_local(out):
         path = Path(_local(out))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # unique per writer thread
         try:
             with pa.OSFile(str(tmp), "wb") as sink:
                 write(sink)
+            with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible
+                os.fsync(fh.fileno())
             tmp.replace(path)
         finally:
             if tmp.exists():

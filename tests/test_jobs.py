@@ -383,3 +383,33 @@ def test_unreachable_redis_or_ray_is_a_clear_error(env, raw_records, tmp_path):
     assert jobs.get("noray-1").state == JobState.QUEUED
     assert JobQueue(jobs.client).pending_count() == 0
     jobs.request_cancel("noray-1")
+
+
+def test_lease_keeper_holds_a_job_through_long_stretches_and_ack_needs_ownership(tmp_path):
+    """A job's lease is renewed from a thread while the work cannot beat itself (model loading, a slow commit);
+    once another coordinator owns the entry the keeper reports it lost, and the old owner cannot ack it away."""
+    from cluster.queue import JobQueue, LeaseKeeper
+    from store import connect_redis, stop_embedded_redis
+
+    root = str(tmp_path / "lease-store")
+    client = connect_redis(None, root)
+    try:
+        queue = JobQueue(client, stream="test:lease", group="test-group")
+        queue.ensure_group()
+        client.xadd("test:lease", {"job_id": "j1"})
+        mine = queue.read("a", block_ms=100)
+        assert mine is not None and mine.job_id == "j1"
+        with LeaseKeeper(queue, "a", mine.entry_id, interval=0.1) as keeper:
+            time.sleep(1.0)  # a long stretch with no beat of our own
+            assert queue.reclaim("b", min_idle_seconds=0.5) == [], "the kept lease is fresh"
+            assert not keeper.lost.is_set()
+        time.sleep(0.6)  # the keeper stopped: the lease expires
+        taken = queue.reclaim("b", min_idle_seconds=0.5)
+        assert [d.entry_id for d in taken] == [mine.entry_id]
+        with LeaseKeeper(queue, "a", mine.entry_id, interval=0.05) as late:
+            assert late.lost.wait(5), "the old owner learns it lost the job"
+        assert not queue.ack_owned("a", mine.entry_id) and queue.depth() == 1, "the new owner's entry survives"
+        assert queue.ack_owned("b", mine.entry_id) and queue.depth() == 0
+    finally:
+        client.close()
+        stop_embedded_redis(root)
