@@ -74,6 +74,10 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
+# How cells score prompts; bump it when a metric's definition changes (2: per-edit averages as in
+# rome's summarize.py, the data set's metric for shuffled subject and long context; 2026-12-07).
+SCORING = 2
+
 ROBUST_SUFFIX = "+rep"
 CALIBRATED_SUFFIX = "+cal"
 
@@ -140,9 +144,10 @@ class Cell:
         key["edit_settings"] = EditConfig.for_model(self.model, **overrides).to_dict()
         from editing.evaluate import NLL, success_metric
 
-        metric = success_metric(self.dataset)  # zsRE scores by token accuracy since 2026-12-03; the NLL
-        if metric != NLL:  # comparison is what every earlier cell used, so it leaves their ids as they were
+        metric = success_metric(self.dataset)  # zsRE scores by token accuracy since 2026-12-03
+        if metric != NLL:
             key["metric"] = metric
+        key["scoring"] = SCORING  # results scored another way are stale, not reused
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.method}-T{self.T}-{digest}"
 

@@ -14,7 +14,7 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cluster.campaign import SYNTHETIC, CampaignResults
+from cluster.campaign import SYNTHETIC, CampaignResults, CampaignSpec
 
 # Columns of the comparison table: (metric, header, pre-edit metric shown in brackets).
 TABLE_COLUMNS = (
@@ -138,6 +138,14 @@ def write_report(name: str, out: str | Path, store: str | None = None) -> Path:
     if df.empty:
         raise ValueError(f"campaign {name!r}: no results in {results.results_dir} (run `kvedit campaign run` first)")
     spec = results.spec() or {}
+    stale = 0
+    if spec:  # cells of an earlier grid, or scored another way, are not this campaign's numbers
+        current = {c.cell_id for c in CampaignSpec(**spec).cells()}
+        keep = df["cell_id"].isin(current)
+        stale, df = int((~keep).sum()), df[keep]
+        if df.empty:
+            raise ValueError(f"campaign {name!r}: none of the {stale} recorded cells belongs to the grid as last run "
+                             "(rerun `kvedit campaign run`)")
     out = Path(out)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -149,7 +157,8 @@ def write_report(name: str, out: str | Path, store: str | None = None) -> Path:
         lines += [spec["description"], ""]
     lines += [f"- model: `{spec.get('model', df['model'].iloc[0])}`",
               f"- datasets: {', '.join(sorted(df['dataset'].unique()))}",
-              f"- cells: {len(ok)} finished, {len(failed)} failed",
+              f"- cells: {len(ok)} finished, {len(failed)} failed"
+              + (f"; {stale} recorded cell(s) of an earlier grid or scoring left out" if stale else ""),
               f"- results table: `{results.results_dir}` (`pandas.read_parquet` reads it)",
               f"- generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
               "Rates are percentages; Specificity and Fluency show the unedited model's value in brackets; "

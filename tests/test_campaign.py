@@ -180,6 +180,29 @@ def _png_ok(path: Path) -> bool:
         return im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
 
 
+def test_report_leaves_out_cells_of_an_earlier_grid(tmp_path):
+    """A results table can hold cells of an earlier grid or scoring (their ids differ); the report shows the
+    grid as last run and says how many it left out."""
+    import dataclasses
+
+    from cluster.campaign import CampaignResults
+    from cluster.campaign_report import write_report
+
+    spec = load_campaign(CAMPAIGNS / "smoke.yaml")
+    store = str(tmp_path / "store")
+    results = CampaignResults("smoke", store)
+    results.write_spec(spec)
+    cells = spec.cells()
+    for i, cell in enumerate(cells):
+        results.write_cell(cell, {"n_edits": cell.T, "threshold": 0.5 + 0.1 * i, "layer": 6, "efficacy": 0.9})
+    old = dataclasses.replace(cells[0], T=7, batch=7)  # a grid point the campaign no longer has
+    results.write_cell(old, {"n_edits": 7, "threshold": 0.5, "layer": 6, "efficacy": 0.123})
+    assert len(results.frame()) == len(cells) + 1
+    text = write_report("smoke", tmp_path / "report", store=store).read_text()
+    assert "1 recorded cell(s) of an earlier grid or scoring left out" in text
+    assert "T = 7" not in text and "12.3" not in text and f"cells: {len(cells)} finished" in text
+
+
 def test_small_campaign_end_to_end_with_report_and_resume(tmp_path):
     import pandas as pd
 
