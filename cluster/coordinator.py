@@ -142,16 +142,21 @@ class Coordinator:
 
         cfg = self.config
         self.jobs = JobStore.connect(cfg.redis_url, cfg.store)
-        self.queue = JobQueue(self.jobs.client)
-        self.queue.ensure_group()
-        self.store = MemoryStore(cfg.store, redis_url=cfg.redis_url)
-        self._owns_ray = connect_ray(cfg.ray_address, local_cpu_slots(cfg.optimisers, cfg.evaluators, cfg.covariance_builders),
-                                     log_to_driver=cfg.log_to_driver)
-        self.metrics.bind(self.jobs, self.queue)
-        if cfg.http_port is not None:
-            from cluster.api import ApiServer, create_app
+        try:
+            self.queue = JobQueue(self.jobs.client)
+            self.queue.ensure_group()
+            self.store = MemoryStore(cfg.store, redis_url=cfg.redis_url)
+            self._owns_ray = connect_ray(cfg.ray_address, local_cpu_slots(cfg.optimisers, cfg.evaluators,
+                                                                          cfg.covariance_builders),
+                                         log_to_driver=cfg.log_to_driver)
+            self.metrics.bind(self.jobs, self.queue)
+            if cfg.http_port is not None:
+                from cluster.api import ApiServer, create_app
 
-            self.api = ApiServer(create_app(self.jobs, self.queue, self.metrics), cfg.http_host, cfg.http_port).start()
+                self.api = ApiServer(create_app(self.jobs, self.queue, self.metrics), cfg.http_host, cfg.http_port).start()
+        except BaseException:  # e.g. Ray unreachable or the API port taken: release what was opened
+            self.close()
+            raise
         self._started = True
         log.info("coordinator %s: store %s, consuming %s", self.consumer, self.store.root, self.queue.stream)
         return self
@@ -172,6 +177,10 @@ class Coordinator:
             self._owns_ray = False
         if self.store is not None:
             self.store.close()
+            self.store = None
+        if self.jobs is not None:
+            self.jobs.client.close()
+            self.jobs = None
         self._started = False
 
     def __enter__(self) -> "Coordinator":
