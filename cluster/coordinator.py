@@ -52,6 +52,8 @@ class CoordinatorConfig:
         lease_seconds: a job whose coordinator has not renewed its lease for this long is taken over.
         max_batch_attempts: runs of a batch whose actor keeps dying before the batch fails.
         max_job_attempts: starts of a job (coordinator crashes) before the job fails.
+        actor_timeout: an actor call running longer is a hung actor: it is killed and replaced, and
+            its batch or shard retried (a batch of the default model takes seconds to minutes).
         http_port: serve the HTTP API on this port (None: no API).
         queue_outage_seconds: ride out a Redis outage this long (retrying with backoff; the job
             in hand is left to this or the next coordinator) before `run` gives up.
@@ -337,7 +339,7 @@ class Coordinator:
         try:
             outcomes = pool.run(pieces, lambda actor, piece: actor.partial.remote(model, layer, piece[1]),
                                 max_attempts=self.config.max_batch_attempts, poll=self.config.poll_seconds,
-                                on_tick=on_tick)
+                                on_tick=on_tick, item_timeout=self.config.actor_timeout)
             for out in outcomes:
                 if out.error is not None:
                     raise StatisticsError(f"statistics {key}: shard {out.item[0]} failed: {out.error}") from out.error
@@ -572,7 +574,7 @@ class _JobRun:
         outcomes = self.coord.value_pool().run(
             batches, submit, max_attempts=self.coord.config.max_batch_attempts, poll=self.coord.config.poll_seconds,
             should_stop=lambda: self.cancelled or self.coord.stop_event.is_set() or (failed and self.spec.all_or_nothing),
-            on_tick=self.tick, on_dispatch=dispatched)
+            on_tick=self.tick, on_dispatch=dispatched, item_timeout=self.coord.config.actor_timeout)
         for out in outcomes:
             self.coord.metrics.batch_seconds.observe(out.seconds)
             batch: _Batch = out.item

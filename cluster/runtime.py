@@ -269,12 +269,15 @@ class ActorPool:
         should_stop: Callable[[], bool] = lambda: False,
         on_tick: Callable[[], None] | None = None,
         on_dispatch: Callable[[Any, Slot], None] | None = None,
+        item_timeout: float | None = None,
     ) -> Iterator[Outcome]:
         """Run every item on the pool, one item per idle actor, yielding outcomes as they finish.
 
         `submit(actor_handle, item)` starts the item and returns its ObjectRef. An item whose
         actor died is retried (up to `max_attempts` runs) on the next idle actor while the dead
-        one is replaced. Once `should_stop()` is true no new item starts; running ones finish
+        one is replaced. An item running longer than `item_timeout` seconds counts as a hung
+        actor: the actor is killed and replaced and the item retried the same way (then failed
+        with a `PoolError`). Once `should_stop()` is true no new item starts; running ones finish
         and are yielded. `on_tick()` runs about every `poll` seconds (leases, cancel checks).
         """
         self.start()
@@ -282,12 +285,14 @@ class ActorPool:
         queue.reverse()  # pop() from the end keeps submission order
         flights: dict[Any, _Flight] = {}
         try:
-            yield from self._run(queue, flights, submit, max_attempts, poll, should_stop, on_tick, on_dispatch)
+            yield from self._run(queue, flights, submit, max_attempts, poll, should_stop, on_tick, on_dispatch,
+                                 item_timeout)
         finally:  # the consumer stopped early: leave no slot marked busy (its actor finishes, unobserved)
             for fl in flights.values():
                 fl.slot.busy = False
 
-    def _run(self, queue, flights, submit, max_attempts, poll, should_stop, on_tick, on_dispatch) -> Iterator[Outcome]:
+    def _run(self, queue, flights, submit, max_attempts, poll, should_stop, on_tick, on_dispatch,
+             item_timeout) -> Iterator[Outcome]:
         import ray
 
         while queue or flights:
@@ -326,6 +331,25 @@ class ActorPool:
                     continue
                 fl.slot.busy = False
                 yield Outcome(fl.item, value=value, attempts=fl.attempts, seconds=seconds, slot=fl.slot.index)
+            if item_timeout is not None:
+                yield from self._expire(queue, flights, item_timeout, max_attempts)
+
+    def _expire(self, queue, flights, item_timeout: float, max_attempts: int) -> Iterator[Outcome]:
+        """Kill and replace the actors of items running longer than `item_timeout`; retry or fail the items."""
+        now = time.perf_counter()
+        for ref, fl in list(flights.items()):
+            if now - fl.started <= item_timeout:
+                continue
+            del flights[ref]  # its result, if the killed actor ever sends one, is not read
+            log.warning("pool %s: actor %d hung on an item for over %.0fs (attempt %d/%d); replacing it",
+                        self.name, fl.slot.index, item_timeout, fl.attempts, max_attempts)
+            self.replace(fl.slot)
+            if fl.attempts < max_attempts:
+                queue.append((fl.item, fl.attempts))
+                continue
+            yield Outcome(fl.item, error=PoolError(f"pool {self.name}: an item did not finish within {item_timeout:.0f}s "
+                                                   f"in {fl.attempts} attempts"),
+                          attempts=fl.attempts, seconds=now - fl.started, slot=fl.slot.index)
 
     def shutdown(self) -> None:
         import ray

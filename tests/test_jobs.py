@@ -413,3 +413,35 @@ def test_lease_keeper_holds_a_job_through_long_stretches_and_ack_needs_ownership
     finally:
         client.close()
         stop_embedded_redis(root)
+
+
+def test_a_hung_actor_is_replaced_and_its_item_retried(env, tmp_path):
+    from cluster.runtime import ActorPool, PoolError
+
+    class HangsOnce:  # defined here so Ray ships it by value (the tests are not importable on workers)
+        """A pool worker whose first call for "hang" never returns (a hung actor); later calls answer."""
+
+        def ready(self) -> int:
+            return os.getpid()
+
+        def work(self, item: str, marker: str) -> str:
+            if item == "hang" and not os.path.exists(marker):
+                open(marker, "w").close()
+                time.sleep(60)  # far past the timeout (bounded, so a regression fails instead of hanging)
+            return item.upper()
+
+    pool = ActorPool(HangsOnce, 1, "test-hang")
+    try:
+        marker = str(tmp_path / "hung")
+        t0 = time.monotonic()
+        run = pool.run(["a", "hang", "b"], lambda actor, item: actor.work.remote(item, marker), poll=0.2, item_timeout=4)
+        outs = {o.item: o for o in run}
+        assert {k: o.value for k, o in outs.items()} == {"a": "A", "hang": "HANG", "b": "B"}
+        assert outs["hang"].attempts == 2 and pool.restarts == 1 and time.monotonic() - t0 < 40
+        os.unlink(marker)  # hangs again, and one attempt is all it gets: a clear error, not a stalled job
+        (out,) = pool.run(["hang"], lambda actor, item: actor.work.remote(item, marker), poll=0.2, item_timeout=3,
+                          max_attempts=1)
+        assert isinstance(out.error, PoolError) and "did not finish within 3s" in str(out.error)
+        assert pool.restarts == 2
+    finally:
+        pool.shutdown()
