@@ -514,7 +514,8 @@ class MemoryStore:
         written: dict[str, list[FragmentMetadata]] = {}
 
         def fragments_for(ds: lance.LanceDataset, table: pa.Table) -> list[FragmentMetadata]:
-            key = hashlib.sha1("\x00".join(table.column("edit_id").to_pylist()).encode()).hexdigest()
+            # JSON-encoded ids: no two different id lists hash the same input, whatever characters they hold
+            key = hashlib.sha1(json.dumps(table.column("edit_id").to_pylist()).encode()).hexdigest()
             if key not in written:
                 written[key] = self._write_fragments(ds, spec, table, name)
             return written[key]
