@@ -229,7 +229,8 @@ def choose_threshold(pos: torch.Tensor, neg: torch.Tensor, target_rate: float = 
 
     pos: [P] gate scores of positives on their own row (-inf where another row was best).
     neg: [N] best gate scores of negatives (N >= 1). The gate is `score > threshold`.
-    placement: 0 = the highest allowed negative, 1 = the next positive above it.
+    placement: 0 = the highest allowed negative, 1 = the next positive above it (the gate is
+    `score > threshold`, so at 1 that positive itself is just left out).
     Returns (threshold, objective name).
     """
     if neg.numel() == 0:

@@ -374,8 +374,9 @@ class MemoryMethod(EditMethod):
         t0 = time.perf_counter()
         reqs = [r for chunk, _ in self.history for r in chunk]
         keys = torch.cat([k for _, k in self.history])
-        self.mem.query_adapter = fit_robust_keys(self.ed, self.mem, reqs, keys, negative_text,
-                                                 rephrases=slice(0, train_rephrases), hp=hp, seed=seed)
+        adapter = fit_robust_keys(self.ed, self.mem, reqs, keys, negative_text,
+                                  rephrases=slice(0, train_rephrases), hp=hp, seed=seed)
+        self.mem.query_adapter = adapter.to(self.mem.rows.device)  # trained on the CPU; served where the rows are
         return {"rank": hp.rank, "steps": hp.steps, "train_rephrases": train_rephrases,
                 "seconds": round(time.perf_counter() - t0, 2)}
 

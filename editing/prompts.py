@@ -69,12 +69,15 @@ def encode(tok, prompt: str, subject: str, target: str | None = None, context: s
 
 
 def target_token_ids(tok, prompt: str, target: str) -> list[int]:
-    """Token ids of " " + target as a continuation of `prompt`.
+    """Token ids of " " + target as a continuation of `prompt` (a target that already starts with a
+    space keeps it as is, as in rome: no lone " " token).
 
     Tokenizes prompt and continuation jointly and splits, which is right for byte-level BPE
     and sentencepiece alike; falls back to separate tokenization if the prompt's tokens are
     not a prefix of the joint ones.
     """
+    if target.startswith(" "):
+        target = target[1:]
     base = tok(prompt)["input_ids"]
     joint = tok(prompt + " " + target)["input_ids"]
     if joint[: len(base)] == base and len(joint) > len(base):

@@ -43,6 +43,8 @@ class RoutedFFN(nn.Module):
                  prefilter_dim: int = 64, prefilter_min_rows: int = 4096, candidates: int = 16,
                  device=None, dtype=torch.float32):
         super().__init__()
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.router = router
         self.d_key, self.d_model = d_key, d_model
         self.prefilter_dim, self.prefilter_min_rows, self.candidates = prefilter_dim, prefilter_min_rows, candidates
@@ -204,13 +206,14 @@ class RoutedFFN(nn.Module):
                 self._free.extend(gone)
             removed = len(gone)
             if n:
+                # derived first: a router that raises leaves no id holding a slot without a row
+                rows, gain = self.router.derive_rows(keys.to(self.rows.device))
+                rows = rows.to(self.rows.dtype)
                 new_ids = [e for e in added_ids if e not in self.slots]
                 self.ensure_capacity(len(self.slots) + len(new_ids))
                 for eid in new_ids:
                     self.slots[eid] = self._free.pop()
                 idx = torch.tensor([self.slots[e] for e in added_ids], device=self.rows.device)
-                rows, gain = self.router.derive_rows(keys.to(self.rows.device))
-                rows = rows.to(self.rows.dtype)
                 self.rows[idx] = rows
                 self.gain[idx] = gain.to(self.gain.dtype)
                 self.residuals[idx] = residuals.to(self.residuals)

@@ -80,7 +80,7 @@ class WhitenedRouter(Router):
         super().__init__()
         c0 = c0.double()
         # A small ridge relative to the mean eigenvalue keeps C0 invertible for rarely-firing neurons.
-        reg = c0 + ridge * c0.diagonal().mean() * torch.eye(c0.shape[0], dtype=c0.dtype)
+        reg = c0 + ridge * c0.diagonal().mean() * torch.eye(c0.shape[0], dtype=c0.dtype, device=c0.device)
         self.c0_inv = torch.linalg.inv(reg)  # [d_key, d_key] float64, not a buffer: only used on add
         self.ridge = ridge
 

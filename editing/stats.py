@@ -119,6 +119,7 @@ def collect_second_moment(model, adapter: ArchAdapter, layer: int, chunks: list[
         ids, mask = pad_batch(chunks[i: i + batch_size], pad, device)
         k = token_keys(model, adapter, layer, ids, mask)  # [b, T, d_key]
         k = k[mask.bool()]  # [tokens, d_key]
+        k = k.float()  # fp16 k.T @ k overflows (and bf16 loses digits) over a few thousand tokens
         total += (k.T @ k).double()
         stats.count += k.shape[0]
         if progress:

@@ -175,3 +175,12 @@ def test_bad_records_stop_an_evaluation_before_any_edit(smol, cf_valid, monkeypa
     with pytest.raises(EditRecordError, match="subject"):
         run_sequential(smol, bad_subject, batch=1, router="cosine", fluency_prompts=0)
     assert calls == [] and smol.memory is None, "nothing was computed or attached"
+
+
+def test_a_target_that_starts_with_a_space_gets_no_lone_space_token(tokenizer):
+    """zsRE has targets like " Garcilaso": rome adds the space only when it is missing."""
+    from editing.prompts import target_token_ids
+
+    prompt = "The author of the novel is"
+    spaced, plain = target_token_ids(tokenizer, prompt, " Garcilaso"), target_token_ids(tokenizer, prompt, "Garcilaso")
+    assert spaced == plain and tokenizer.decode(plain[:1]).strip(), "the first target token is not a bare space"

@@ -44,6 +44,23 @@ def test_stored_key_routes_to_itself_and_random_key_is_gated_off(name):
     assert (weight_r == 0).all(), f"random keys must be gated off, scores {score_r.max()}"
 
 
+def test_a_failed_add_leaves_the_memory_as_it_was():
+    """A router that fails to derive the rows leaves no id holding a slot without a row."""
+    mem = RoutedFFN(make_router("cosine"), D_KEY, D_MODEL, capacity=2)
+    mem.add(["a"], _anisotropic(1), torch.randn(1, D_MODEL))
+
+    class Broken(type(mem.router)):
+        def derive_rows(self, keys):
+            raise RuntimeError("cannot derive")
+
+    mem.router.__class__ = Broken
+    with pytest.raises(RuntimeError, match="cannot derive"):
+        mem.add(["b", "c", "d"], _anisotropic(3, seed=2), torch.randn(3, D_MODEL))
+    assert list(mem.slots) == ["a"] and mem.n_facts == 1 and int(torch.isfinite(mem.bias).sum()) == 1
+    with pytest.raises(ValueError, match="capacity"):
+        RoutedFFN(make_router("cosine"), D_KEY, D_MODEL, capacity=0)  # doubling from 0 never ends
+
+
 def test_whitened_scores_equal_explicit_mahalanobis_form():
     c0 = _c0()
     router = make_router("whitened", stats=c0, ridge=0.0)
