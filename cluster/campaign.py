@@ -321,6 +321,15 @@ def parse_campaign(data: Any, source: str | None = None) -> CampaignSpec:
         if calibrated and any(v is not None for v in thresholds[m]):
             raise CampaignSpecError(f"grid.threshold.{m}", "a calibrated method chooses its own threshold: give null",
                                     source)
+        from editing.routers import ROUTERS
+
+        base = method_variant(m)[0]
+        for v in thresholds[m]:
+            if v is not None and base in ROUTERS:
+                try:
+                    ROUTERS[base].check_threshold(v)
+                except ValueError as exc:
+                    raise CampaignSpecError(f"grid.threshold.{m}", str(exc), source) from exc
     layers = _list(grid.get("layer", [None]), "grid.layer", source, lambda v: v is None or (_is_int(v) and v >= 0),
                    "a layer index >= 0 or null")
     ts = _list(grid["T"], "grid.T", source, lambda v: _is_int(v) and v >= 1, "a number of edits >= 1")
@@ -353,7 +362,9 @@ def load_campaign(path: str | os.PathLike) -> CampaignSpec:
     if not path.is_file():
         raise CampaignSpecError("<file>", "no such file", str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CampaignSpecError("<file>", f"not UTF-8 text (a binary file?): {exc}", str(path)) from exc
     except yaml.YAMLError as exc:
         raise CampaignSpecError("<file>", f"invalid YAML: {exc}", str(path)) from exc
     return parse_campaign(data, str(path))

@@ -60,11 +60,13 @@ def campaign_run(
     _setup_logging(verbose)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cluster.campaign import CampaignSpecError, load_campaign, run_campaign
+    from cluster.campaign import CampaignSpecError, check_datasets, load_campaign, run_campaign, select_cells
     from cluster.jobs import JobError
 
     try:
         spec = load_campaign(campaign)
+        select_cells(spec.cells(), only)  # checked again by run_campaign; here so an error comes before the bar
+        check_datasets(spec)
     except CampaignSpecError as exc:
         _fail(exc, as_json)
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -124,6 +126,6 @@ def campaign_synth(
 
     try:
         path = write_jsonl(synthetic_requests(n, seed=seed), out)
-    except (EditRecordError, FileNotFoundError) as exc:
+    except (EditRecordError, OSError) as exc:
         _fail(exc)
     _err.print(f"{n} synthetic facts written to {path}", highlight=False)

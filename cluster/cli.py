@@ -114,7 +114,10 @@ def edit_run(
     from editing.table import MemoryMismatchError
     from store import StoreError
 
+    from cluster.commit import router_config
+
     try:
+        router_config(router, threshold)  # an unknown router or a bad threshold fails before any work
         records = load_records(data_file(data), limit=limit, offset=offset)
         editor = Editor.load(model, device=device, layer=layer, router=router, threshold=threshold)
         if memory is not None:  # a memory that cannot take these edits fails now, not after computing them
@@ -225,6 +228,8 @@ def generate(
                 from store.artifacts import read_robust_keys
 
                 name, _, ver = memory_ref.partition("@")
+                if ver and not ver.isdigit():
+                    raise ValueError(f"--memory {memory_ref!r}: the version after '@' must be a number")
                 st = open_store(store, redis_url)
                 info, table = st.load(name, int(ver) if ver else None)
                 spec, router = info.spec, info.router.get("name", router)
@@ -291,8 +296,12 @@ def eval_cmd(
         fail(f"--calibrate chooses a memory router's threshold: it needs a router and no --threshold "
              f"(got method {method!r}, threshold {threshold})")
     try:
+        if is_router and threshold is not None:
+            ROUTERS[method].check_threshold(threshold)
         metric = success_metric(data, metric)
         records = load_records(data_file(data), limit=edits, offset=offset)
+        if len(records) < edits:
+            raise ValueError(f"--edits {edits}: {data} has only {len(records)} records from offset {offset}")
         editor = Editor.load(model, layer=layer, router=method if is_router else None,
                              threshold=threshold if is_router else None, seed=seed, batch_size=batch)
     except (EditRecordError, FileNotFoundError, ValueError) as exc:

@@ -39,7 +39,7 @@ def router_config(name: str, threshold: float | str | None) -> dict:
         return {"name": name, "threshold": default, "calibrate": True}
     if isinstance(threshold, str):
         raise ValueError(f"threshold must be a number or {AUTO!r}, not {threshold!r}")
-    return {"name": name, "threshold": default if threshold is None else float(threshold)}
+    return {"name": name, "threshold": default if threshold is None else ROUTERS[name].check_threshold(threshold)}
 
 
 def is_calibrated(config: dict) -> bool:

@@ -173,6 +173,11 @@ class JobSpec:
         if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
                                            or not math.isfinite(self.threshold)):
             raise JobSpecError(f"{where}: field 'threshold': expected a finite number, got {self.threshold!r}", self.job_id)
+        if self.threshold is not None:
+            try:
+                ROUTERS[self.router].check_threshold(self.threshold)
+            except ValueError as exc:
+                raise JobSpecError(f"{where}: field 'threshold': {exc}", self.job_id) from exc
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise JobSpecError(f"{where}: field 'batch_size': expected an integer >= 1, got {self.batch_size!r}", self.job_id)
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):

@@ -234,7 +234,10 @@ def edit_submit(
 
     try:
         records, source = _read_records(data, limit, offset)
-        overrides = json.loads(edit_config) if edit_config else {}
+        try:
+            overrides = json.loads(edit_config) if edit_config else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--edit-config: not a JSON object: {exc}") from exc
     except (FileNotFoundError, EditRecordError, ValueError) as exc:
         _fail(exc, as_json)
     spec = JobSpec(memory=memory, records=records, job_id=job_id or new_job_id(), model=model, layer=layer, router=router,

@@ -114,11 +114,14 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: tor
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:  # a broken config.json, missing weights or tokenizer files
+        raise ModelNotFoundError(f"--model {name_or_path!r}: {path} cannot be loaded as a causal LM: {exc}") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.to(device).eval()
     model.requires_grad_(False)
     model.kvedit_name = name_or_path  # the user's name for it, kept for served-model names

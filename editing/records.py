@@ -162,9 +162,14 @@ def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest
 def read_raw_records(path: str | Path) -> list:
     """Read a JSON list (or {"records": [...]}) or a JSONL file as raw Python objects."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path}: is a directory, not a data file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EditRecordError(None, "<file>", f"not UTF-8 text (a binary file?): {exc}", None, str(path)) from exc
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -202,6 +207,8 @@ def load_records(path: str | Path, limit: int | None = None, offset: int = 0) ->
     raw = read_raw_records(path)
     if not isinstance(raw, list):
         raise EditRecordError(None, "<file>", "expected a JSON list of records or JSONL", None, str(path))
+    if not raw:
+        raise EditRecordError(None, "<file>", "holds no records", None, str(path))
     raw = raw[offset: None if limit is None else offset + limit]
     return [parse_record(rec, offset + i, str(path)) for i, rec in enumerate(raw)]
 

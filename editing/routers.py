@@ -42,6 +42,19 @@ class Router(nn.Module):
 
     name = "base"
     default_threshold = 0.5
+    threshold_range = (-math.inf, math.inf)  # [low, high): a threshold outside it is refused
+
+    @classmethod
+    def check_threshold(cls, threshold: float) -> float:
+        """`threshold` as a float, or a ValueError naming the router and the range it accepts."""
+        lo, hi = cls.threshold_range
+        try:
+            t = float(threshold)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{cls.name} router: threshold must be a number, got {threshold!r}") from exc
+        if not math.isfinite(t) or not lo <= t < hi:
+            raise ValueError(f"{cls.name} router: threshold {threshold!r} is outside [{lo:g}, {hi:g})")
+        return t
 
     @abc.abstractmethod
     def derive_rows(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +75,7 @@ class Router(nn.Module):
 @register_router("cosine")
 class CosineRouter(Router):
     default_threshold = 0.65
+    threshold_range = (-1.0, 1.0)  # a cosine never passes a gate at 1 (and the margin activation divides by gelu(1 - θ))
 
     def derive_rows(self, keys):
         return F.normalize(keys.float(), dim=-1), torch.ones(keys.shape[0], device=keys.device)

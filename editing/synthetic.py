@@ -112,13 +112,18 @@ def synthetic_requests(n: int, seed: int = 0, relations: list[Relation] | None =
 def write_jsonl(requests: list[EditRequest], path: str | Path) -> Path:
     """Write requests as JSONL records of the shared REP format (readable by `load_records`); atomic."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory; give a file name for the facts")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as fh:
-        for r in requests:
-            fh.write(json.dumps({"case_id": r.case_id, "subject": r.subject, "prompt": r.prompt,
-                                 "target_new": r.target_new, "target_true": r.target_true}) + "\n")
-    tmp.replace(path)
+    try:
+        with tmp.open("w") as fh:
+            for r in requests:
+                fh.write(json.dumps({"case_id": r.case_id, "subject": r.subject, "prompt": r.prompt,
+                                     "target_new": r.target_new, "target_true": r.target_true}) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

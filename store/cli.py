@@ -44,7 +44,10 @@ def _store(store: Optional[str], redis_url: Optional[str], as_json: bool) -> Ite
     """A store for one command; store errors become a clean message and exit status 1."""
     s = None
     try:
-        s = MemoryStore(store, redis_url=redis_url)
+        try:
+            s = MemoryStore(store, redis_url=redis_url)
+        except (OSError, ValueError) as exc:  # an unknown URI scheme, a file where the directory should be
+            raise StoreError(f"--store {store!r}: {exc}") from exc
         yield s
     except (StoreError, MemoryMismatchError) as exc:
         if as_json:

@@ -46,14 +46,18 @@ def write_table_file(table: pa.Table, out: str | os.PathLike, fmt: str = "parque
 
     if _is_local(out):
         path = Path(_local(out))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise StoreError(f"{out}: is a directory; give a file name to write the table to")
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # unique per writer thread
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with pa.OSFile(str(tmp), "wb") as sink:
                 write(sink)
             with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible
                 os.fsync(fh.fileno())
             tmp.replace(path)
+        except OSError as exc:
+            raise StoreError(f"{out}: cannot write the table: {exc}") from exc
         finally:
             if tmp.exists():
                 tmp.unlink()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lance
 
-from .errors import CorruptMemoryError, InvalidNameError, MemoryNotFoundError, VersionNotFoundError, where
+from .errors import CorruptMemoryError, InvalidNameError, MemoryNotFoundError, StoreError, VersionNotFoundError, where
 
 STORE_ENV = "KVEDIT_STORE"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -59,7 +59,10 @@ def normalize_root(uri: str | os.PathLike | None) -> tuple[str, bool]:
         raw = raw[len("file://"):]
     if "://" not in raw:
         path = Path(raw).expanduser().resolve()
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission
+            raise StoreError(f"store {raw!r}: cannot use it as a store directory: {exc}") from exc
         return str(path), True
     return raw.rstrip("/"), False
 

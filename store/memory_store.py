@@ -740,6 +740,12 @@ class MemoryStore:
         if head_v is None:
             if spec is None:
                 raise MemoryNotFoundError(f"{where(name)}: no such memory, and {path} has no kvedit.spec to create it from", name)
+            try:  # the rows are checked before the memory exists: a bad file leaves no empty memory behind
+                prepare_rows(table, spec, name, None)
+            except InvalidRowsError as exc:
+                raise InvalidRowsError(f"{path}: {exc}", name) from exc
+            except MemoryMismatchError as exc:
+                raise MemoryMismatchError(f"{path}: {exc}") from exc
             self.create(name, spec, file_router(table) or router or {"name": "cosine"}, exist_ok=True)
         return self._change(name, add=table, delete_ids=None, where_sql=None, message=message or f"import {Path(str(path)).name}",
                             job_id=job_id, skip_existing=True, metadata_update=None, op="import")

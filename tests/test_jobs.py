@@ -445,3 +445,12 @@ def test_a_hung_actor_is_replaced_and_its_item_retried(env, tmp_path):
         assert pool.restarts == 2
     finally:
         pool.shutdown()
+
+
+def test_job_thresholds_are_checked_against_the_router():
+    from cluster.jobs import JobSpec, JobSpecError
+
+    JobSpec(memory="m", records=[{}], router="whitened", threshold=2.5).check()  # whitened scores can pass 1
+    for router, bad in (("cosine", 1.5), ("margin", 1.0), ("cosine", float("inf"))):
+        with pytest.raises(JobSpecError, match=r"field 'threshold'"):
+            JobSpec(memory="m", records=[{}], router=router, threshold=bad).check()

@@ -184,3 +184,17 @@ def test_a_target_that_starts_with_a_space_gets_no_lone_space_token(tokenizer):
     prompt = "The author of the novel is"
     spaced, plain = target_token_ids(tokenizer, prompt, " Garcilaso"), target_token_ids(tokenizer, prompt, "Garcilaso")
     assert spaced == plain and tokenizer.decode(plain[:1]).strip(), "the first target token is not a bare space"
+
+
+def test_unreadable_or_empty_data_files_are_errors_naming_the_file(tmp_path):
+    binary = tmp_path / "b.json"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(EditRecordError, match=r"b\.json.*not UTF-8"):
+        load_records(binary)
+    for text in ("[]", "", "{\"records\": []}"):
+        empty = _write(tmp_path, [], name="e.json")
+        empty.write_text(text)
+        with pytest.raises(EditRecordError, match=r"e\.json.*holds no records"):
+            load_records(empty)
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        load_records(tmp_path)

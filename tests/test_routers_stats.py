@@ -159,3 +159,12 @@ def test_statistics_shards_merge_to_whole_corpus(tokenizer):
     assert torch.linalg.eigvalsh(whole.mean).min() > -1e-6  # a second moment is PSD
     with pytest.raises(ValueError, match="layer"):
         a.merge(SecondMoment.empty(ad.d_key, {"layer": 3}))
+
+
+def test_thresholds_outside_a_routers_range_are_refused():
+    from editing.routers import ROUTERS
+
+    assert ROUTERS["cosine"].check_threshold(0.5) == 0.5 and ROUTERS["whitened"].check_threshold(3.0) == 3.0
+    for name, bad in (("cosine", -1.5), ("cosine", 1.0), ("margin", 1.0), ("whitened", float("nan"))):
+        with pytest.raises(ValueError, match=rf"{name} router: threshold"):
+            ROUTERS[name].check_threshold(bad)

@@ -732,6 +732,11 @@ def test_export_is_readable_by_pandas_and_duckdb_and_imports_back(store, name, t
     bare = tmp_path / "edits.parquet"  # as `kvedit edit run --out` writes it: a spec, no router config
     pq.write_table(rows(["y"]), bare)
     assert other.import_table("fresh", bare).n_rows == 1 and other.info("fresh").router == {"name": "cosine"}
+    no_res = tmp_path / "nores.parquet"  # bad rows into a new memory: an error naming the file, no empty memory left
+    pq.write_table(rows(["y"]).drop_columns(["residual"]), no_res)
+    with pytest.raises(InvalidRowsError, match=r"nores\.parquet.*residual"):
+        other.import_table("never", no_res)
+    assert not other.exists("never")
     other.close()
 
 
