@@ -91,6 +91,9 @@ class RobustKeyHparams:
     temperature: float = 0.05
     long_context_tokens: int = 256
     negatives: int = 4096
+    # Also train on each edit's own (bare) prompt, so the adapter cannot move it off its row: at T = 400 without
+    # it 10% of own prompts fell under the gate (benchmarks/RESULTS.md, 2026-12-07); with it 1.5%, as unadapted.
+    own_prompts: bool = True
 
 
 def variant_requests(reqs: list[EditRequest], rephrases: slice, tok, seed: int = 0) -> tuple[list[EditRequest], list[int]]:
@@ -155,6 +158,9 @@ def fit_robust_keys(ed, memory, reqs: list[EditRequest], stored_keys: torch.Tens
     prefix = ed.tok.decode(ids).strip() + "\n\n"
     pos.append(_bare_keys(ed, reqs, context=prefix.replace("{", "{{").replace("}", "}}") + "{}"))
     pos_owner += list(range(len(reqs)))
+    if hp.own_prompts:
+        pos.append(_bare_keys(ed, reqs))
+        pos_owner += list(range(len(reqs)))
     pos_k = torch.cat(pos).float()
     pos_owner_t = torch.tensor(pos_owner)
     neg_k = _negative_keys(ed, reqs, negative_text, hp.negatives).float()
