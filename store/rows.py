@@ -129,11 +129,8 @@ def _vectors(table: pa.Table, column: str, width: int, what: str, memory: str, v
     if arr.null_count:
         at = _first_bad(ids, arr.is_null().to_numpy(zero_copy_only=False))
         raise InvalidRowsError(f"{where(memory, version)}: column {column!r} is null at {at}", memory, version)
-    if pc.list_flatten(arr).null_count:
-        per_row = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
-        flat_null = pc.list_flatten(arr).is_null().to_numpy(zero_copy_only=False)
-        row_of = np.repeat(np.arange(len(arr)), per_row)
-        at = _first_bad(ids, np.isin(np.arange(len(arr)), row_of[flat_null]))
+    if pc.list_flatten(arr).null_count:  # the error path only: find the row in Python
+        at = _first_bad(ids, [None in row for row in arr.to_pylist()])
         raise InvalidRowsError(f"{where(memory, version)}: column {column!r} has a null value at {at}", memory, version)
     target = pa.list_(pa.float32(), width)
     try:
