@@ -16,6 +16,7 @@ Two implementations compute the same thing:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from editing.adapters import ArchAdapter
 from editing.hooks import capture_calls, capture_input, edit_output
 from editing.prompts import ESSENCE_TEMPLATE, encode, pad_batch
+from editing.routed import RoutedDownProj
 
 
 @dataclass
@@ -117,6 +119,27 @@ def build_rewrite_batch(tok, requests, templates: list[str], device) -> RewriteB
 
     return RewriteBatch(ids, mask, t(seq_edit), t(lookup), t(rewrite_first), t(label_seq), t(label_pos),
                         t(label_tok), t(kl_seq), t(kl_pos), len(requests))
+
+
+@contextlib.contextmanager
+def base_output_at(adapter: ArchAdapter, layer: int, seq: torch.Tensor, pos: torch.Tensor):
+    """Inside the block, the edit layer's FFN output at tokens (seq[i], pos[i]) is the base
+    down-projection's, whatever an attached memory routes there; elsewhere the memory is live.
+
+    seq, pos: [n] long, indices into the [S, T, d_model] down-projection output. A no-op when
+    no memory is attached at `layer`.
+    """
+    down = adapter.down_proj(layer)
+    if not isinstance(down, RoutedDownProj):
+        yield
+        return
+    base: dict = {}
+
+    def splice(out: torch.Tensor) -> torch.Tensor:
+        return out.index_put((seq, pos), base["out"][seq, pos])
+
+    with edit_output(down.base, lambda o: _keep(o, base)), edit_output(down, splice):
+        yield
 
 
 def _edit_losses(logits: torch.Tensor, batch: RewriteBatch, delta: torch.Tensor, v0_norm: torch.Tensor,
@@ -286,8 +309,10 @@ def optimise_residuals(model, tok, adapter: ArchAdapter, layer: int, requests, t
             g.prefix_kv = {i: _cache_kv(g.cache, i) for i in upper} if P > 0 else {}
             # The unedited suffix pass: the edit layer's output, the calls of the layers above it,
             # the unedited FFN output at the subject (v0) and the inputs of the final norm.
+            rows = torch.arange(g.input_ids.shape[0], device=device)
             with capture_calls([layers[layer]] + [layers[i] for i in upper]) as calls, \
                     capture_input(adapter.final_norm) as final_in, \
+                    base_output_at(adapter, layer, rows, torch.zeros_like(rows)), \
                     edit_output(adapter.down_proj(layer), lambda o: _keep(o, store)):
                 model(input_ids=g.input_ids[:, P:], attention_mask=g.attention_mask,
                       position_ids=g.position_ids[:, P:], past_key_values=g.cache, use_cache=True)
@@ -356,7 +381,8 @@ def optimise_residuals_reference(model, tok, adapter: ArchAdapter, layer: int, r
         n_steps = 0
         for it in range(hp.steps):
             store: dict = {}
-            with edit_output(adapter.down_proj(layer), lambda o: _add_delta(_keep(o, store), batch, delta)):
+            with base_output_at(adapter, layer, torch.arange(len(batch.lookup), device=device), batch.lookup), \
+                    edit_output(adapter.down_proj(layer), lambda o: _add_delta(_keep(o, store), batch, delta)):
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
             if v0_norm is None:
                 f = batch.rewrite_first

@@ -132,6 +132,29 @@ def test_optimiser_staggered_early_stop_matches(tokenizer):
     torch.testing.assert_close(fast.residuals, ref.residuals, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("optimise", [optimise_residuals, optimise_residuals_reference])
+def test_optimiser_fits_on_the_base_output_at_the_subject(optimise, tokenizer):
+    """Sequential editing: an earlier row that fires at an edit's subject token is replaced there by
+    the edit's own row once it is added, so the residual must be fitted as if that row were not live."""
+    model = build_tiny("llama", seed=3)
+    ad = get_adapter(model)
+    hp = ValueHparams(steps=6, lr=0.1)
+    plain = optimise(model, tokenizer, ad, 1, REQS, ["{}"], hp)
+    mem = attach(model, ad, 1, RoutedFFN(make_router("cosine"), ad.d_key, ad.d_model, threshold=0.999))
+    keys = compute_keys(model, tokenizer, ad, 1, REQS, ["{}"])  # fire at the prompts' subject tokens only
+    mem.add(["a", "b", "c"], keys, 3.0 * torch.randn(3, ad.d_model, generator=torch.Generator().manual_seed(0)))
+    ids = tokenizer([REQS[0].prompt], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert mem.hits.item() == 1, "the row must fire at the subject token (and nowhere else) of its prompt"
+    try:
+        live = optimise(model, tokenizer, ad, 1, REQS, ["{}"], hp)
+    finally:
+        detach(model, ad, 1)
+    torch.testing.assert_close(live.residuals, plain.residuals, rtol=0, atol=1e-4)
+    torch.testing.assert_close(live.loss, plain.loss, rtol=1e-4, atol=0)
+
+
 def test_suffix_groups_minimise_the_padded_area():
     import itertools
     import random
