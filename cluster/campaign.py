@@ -286,6 +286,7 @@ def parse_campaign(data: Any, source: str | None = None) -> CampaignSpec:
     model = data.get("model", "smollm2-135m")
     if not _str_ok(model):
         raise CampaignSpecError("model", f"expected a model name or folder, got {model!r}", source)
+    _check_model(model, source)
     if "dataset" in data and "datasets" in data:
         raise CampaignSpecError("dataset", "give either 'dataset' or 'datasets', not both", source)
     key = "datasets" if "datasets" in data else "dataset"
@@ -343,6 +344,15 @@ def parse_campaign(data: Any, source: str | None = None) -> CampaignSpec:
     options = _options(data.get("options"), source)
     _check_edit_config(model, options["edit_config"], source)
     return CampaignSpec(name, model, datasets, methods, thresholds, layers, ts, batches, seed, options, description)
+
+
+def _check_model(model: str, source) -> None:
+    """A known model name or a local Hugging Face folder (checked now, not when the first cell loads it)."""
+    from editing.models import KNOWN_MODELS
+
+    if model not in KNOWN_MODELS and not (Path(model).expanduser() / "config.json").is_file():
+        raise CampaignSpecError("model", f"{model!r} is not a known model name ({', '.join(KNOWN_MODELS)}) "
+                                "nor a local Hugging Face model folder with a config.json", source)
 
 
 def _check_edit_config(model: str, overrides: dict, source) -> None:

@@ -45,6 +45,7 @@ grid: {method: [cosine], T: [10]}
     (GOOD.replace("method: [cosine]", "method: [cosine+cal]").replace("T: [10]", "T: [10], threshold: [0.5]"),
      "grid.threshold.cosine+cal"),
     ("name: t\ngrid: [1, 2\n", "<file>"),
+    (GOOD + "model: /nonexistent/model-folder\n", "model"),  # refused before any cell loads it
     (GOOD.replace("T: [10]", "T: [10], threshold: [-2]"), "grid.threshold.cosine"),  # a cosine is never below -1
     (GOOD.replace("method: [cosine]", "method: [margin]").replace("T: [10]", "T: [10], threshold: [1.0]"),
      "grid.threshold.margin"),  # the margin activation would divide by gelu(0)
