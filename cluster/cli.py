@@ -160,7 +160,7 @@ def edit_robust_keys(
     limit: Optional[int] = typer.Option(None, min=1),
     offset: int = typer.Option(0, min=0),
     steps: int = typer.Option(300, min=1, help="training steps"),
-    rank: int = typer.Option(64, min=1, help="adapter rank"),
+    rank: Optional[int] = typer.Option(None, min=1, help="adapter rank (default: 64 per started 100 edits, at most the key size)"),
     remove: bool = typer.Option(False, "--remove", help="commit a version without the adapter instead"),
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json"),

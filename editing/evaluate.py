@@ -377,7 +377,7 @@ class MemoryMethod(EditMethod):
         adapter = fit_robust_keys(self.ed, self.mem, reqs, keys, negative_text,
                                   rephrases=slice(0, train_rephrases), hp=hp, seed=seed)
         self.mem.query_adapter = adapter.to(self.mem.rows.device)  # trained on the CPU; served where the rows are
-        return {"rank": hp.rank, "steps": hp.steps, "train_rephrases": train_rephrases,
+        return {"rank": adapter.rank, "steps": hp.steps, "train_rephrases": train_rephrases,
                 "seconds": round(time.perf_counter() - t0, 2)}
 
     def delete(self, edit_ids: list[str]) -> int:

@@ -23,6 +23,8 @@ class Encoded:
 
     ids: token ids of context + prompt (+ target tokens except the last, when a target is given).
     subject_last: index in `ids` of the subject's last token.
+    subject_first: index in `ids` of the subject's first token (its tokens in context, which can
+        differ from the subject tokenized alone: a leading space merges into the first token).
     target_ids: the target's tokens (empty without a target); token i is predicted by the
         logits at position `label_positions[i]`.
     """
@@ -30,6 +32,7 @@ class Encoded:
     ids: list[int]
     subject_last: int
     target_ids: list[int]
+    subject_first: int = 0
 
     @property
     def label_positions(self) -> list[int]:
@@ -37,14 +40,12 @@ class Encoded:
         return [n_prompt - 1 + i for i in range(len(self.target_ids))]
 
 
-def _subject_last_token(tok, text: str, char_start: int, char_end: int, ids_offsets) -> int:
-    last = None
-    for i, (s, e) in enumerate(ids_offsets):
-        if e > s and s < char_end and e > char_start:
-            last = i
-    if last is None:
+def _subject_tokens(text: str, char_start: int, char_end: int, ids_offsets) -> tuple[int, int]:
+    """(first, last) token index overlapping the characters [char_start, char_end) of `text`."""
+    hit = [i for i, (s, e) in enumerate(ids_offsets) if e > s and s < char_end and e > char_start]
+    if not hit:
         raise ValueError(f"subject span {char_start}:{char_end} of {text!r} covers no token")
-    return last
+    return hit[0], hit[-1]
 
 
 def encode(tok, prompt: str, subject: str, target: str | None = None, context: str = "{}") -> Encoded:
@@ -57,15 +58,15 @@ def encode(tok, prompt: str, subject: str, target: str | None = None, context: s
     if start_in_prompt < 0:
         raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
     text = context.format(prompt)
-    offset = context.find("{}")
+    offset = context.format("\0").index("\0")  # where the prompt starts once escaped braces ("{{") are unescaped
     char_start = offset + start_in_prompt
     enc = tok(text, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    subject_last = _subject_last_token(tok, text, char_start, char_start + len(subject), enc["offset_mapping"])
+    first, last = _subject_tokens(text, char_start, char_start + len(subject), enc["offset_mapping"])
     if not target:
-        return Encoded(ids, subject_last, [])
+        return Encoded(ids, last, [], first)
     tgt = target_token_ids(tok, text, target)
-    return Encoded(ids + tgt[:-1], subject_last, tgt)
+    return Encoded(ids + tgt[:-1], last, tgt, first)
 
 
 def target_token_ids(tok, prompt: str, target: str) -> list[int]:

@@ -17,6 +17,7 @@ Training (after the REP paper) on the memory's own router scores:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,9 @@ ARTIFACT_KIND = "robust_keys"  # store artifact kind of adapter weights; a memor
 
 @dataclass
 class RobustKeyHparams:
-    rank: int = 64
+    # Adapter rank; None sizes it to the memory (`rank_for`): the adapter has to map every edit's variants onto
+    # its row, and at T = 400 rank 64 fit only 38% of the trained rephrasings where rank 256 fit 99%.
+    rank: int | None = None
     steps: int = 300
     lr: float = 3e-3
     margin: float = 0.1
@@ -94,6 +97,12 @@ class RobustKeyHparams:
     # Also train on each edit's own (bare) prompt, so the adapter cannot move it off its row: at T = 400 without
     # it 10% of own prompts fell under the gate (benchmarks/RESULTS.md, 2026-12-07); with it 1.5%, as unadapted.
     own_prompts: bool = True
+
+    def rank_for(self, n_edits: int, d_key: int) -> int:
+        """The adapter rank for `n_edits` edits: `rank` if set, else 64 per started 100 edits, at most d_key."""
+        if self.rank is not None:
+            return self.rank
+        return min(d_key, 64 * max(1, math.ceil(n_edits / 100)))
 
 
 def variant_requests(reqs: list[EditRequest], rephrases: slice, tok, seed: int = 0) -> tuple[list[EditRequest], list[int]]:
@@ -131,10 +140,8 @@ def _negative_keys(ed, reqs: list[EditRequest], text: str, n: int) -> torch.Tens
     enc = [encode(ed.tok, r.prompt, r.subject) for r in reqs]
     ids, mask = pad_batch([e.ids for e in enc], ed.tok.pad_token_id, device)
     k = token_keys(ed.model, ed.adapter, ed.layer, ids, mask).cpu()
-    n_subj_tokens = [len(ed.tok(r.subject, add_special_tokens=False)["input_ids"]) for r in reqs]
     for j, e in enumerate(enc):  # tokens before the subject's first token
-        first = max(e.subject_last - n_subj_tokens[j] + 1, 0)
-        out.append(k[j, :first][mask[j, :first].bool().cpu()])
+        out.append(k[j, :e.subject_first][mask[j, :e.subject_first].bool().cpu()])
     return torch.cat(out)[: n + sum(len(e.ids) for e in enc)]
 
 
@@ -170,7 +177,7 @@ def fit_robust_keys(ed, memory, reqs: list[EditRequest], stored_keys: torch.Tens
     rows, gains = router.derive_rows(mu)
     rows, gains = rows.float().cpu(), gains.float().cpu()
     thr = float(memory.threshold)
-    adapter = RobustKeys(mu.shape[1], hp.rank)
+    adapter = RobustKeys(mu.shape[1], hp.rank_for(len(reqs), mu.shape[1]))
     opt = torch.optim.Adam(adapter.parameters(), lr=hp.lr)
 
     def scores(q):  # [m, n] the router's selection scores, as RoutedFFN.route computes them

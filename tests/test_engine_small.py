@@ -39,6 +39,16 @@ def test_adapter_key_is_down_projection_input(family, tokenizer):
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
 
+def test_encode_locates_the_subject_tokens_in_context(tokenizer):
+    # alone "Austria" is two tokens; after "of " the leading space merges it into one
+    assert len(tokenizer("Austria", add_special_tokens=False)["input_ids"]) == 2
+    for prompt, subject in [("The official language of Austria is", "Austria"), (REQS[0].prompt, REQS[0].subject),
+                            ("Danielle Darrieux was born in", "Danielle Darrieux")]:
+        e = encode(tokenizer, prompt, subject, context="Some {{braced}} text. {}")  # "{{" is one "{" once formatted
+        assert tokenizer.decode(e.ids[e.subject_first: e.subject_last + 1]).strip() == subject
+        assert subject not in tokenizer.decode(e.ids[e.subject_first + 1: e.subject_last + 1])
+
+
 def test_key_weights_the_unprefixed_prompt(tokenizer):
     from editing.keys import context_weights
 
@@ -210,3 +220,11 @@ def test_withdrawal_separates_deleted_edits_whose_subject_a_kept_edit_shares(tok
     assert out["withdrawal_reverted"] == 0.5  # "a" still meets "b"'s row; "c" is the unedited model again
     assert out["withdrawal_shared_subject"] == 0.5 and out["withdrawal_reverted_unshared"] == 1.0
     assert sorted(mem.slots) == ["b", "d"]
+
+
+def test_robust_key_rank_grows_with_the_memory():
+    from editing.rep import RobustKeyHparams
+
+    hp = RobustKeyHparams()
+    assert [hp.rank_for(n, 1536) for n in (1, 100, 101, 400, 10**5)] == [64, 64, 128, 256, 1536]
+    assert RobustKeyHparams(rank=8).rank_for(400, 1536) == 8
