@@ -286,7 +286,6 @@ def parse_campaign(data: Any, source: str | None = None) -> CampaignSpec:
     model = data.get("model", "smollm2-135m")
     if not _str_ok(model):
         raise CampaignSpecError("model", f"expected a model name or folder, got {model!r}", source)
-    _check_model(model, source)
     if "dataset" in data and "datasets" in data:
         raise CampaignSpecError("dataset", "give either 'dataset' or 'datasets', not both", source)
     key = "datasets" if "datasets" in data else "dataset"
@@ -346,15 +345,6 @@ def parse_campaign(data: Any, source: str | None = None) -> CampaignSpec:
     return CampaignSpec(name, model, datasets, methods, thresholds, layers, ts, batches, seed, options, description)
 
 
-def _check_model(model: str, source) -> None:
-    """A known model name or a local Hugging Face folder (checked now, not when the first cell loads it)."""
-    from editing.models import KNOWN_MODELS
-
-    if model not in KNOWN_MODELS and not (Path(model).expanduser() / "config.json").is_file():
-        raise CampaignSpecError("model", f"{model!r} is not a known model name ({', '.join(KNOWN_MODELS)}) "
-                                "nor a local Hugging Face model folder with a config.json", source)
-
-
 def _check_edit_config(model: str, overrides: dict, source) -> None:
     from editing import EditConfig
 
@@ -391,6 +381,16 @@ def check_datasets(spec: CampaignSpec) -> None:
             data_file(ds)
         except FileNotFoundError as exc:
             raise CampaignSpecError(f"datasets[{i}]", str(exc), spec.name) from exc
+
+
+def check_model(spec: CampaignSpec) -> None:
+    """The model is a known name or a local Hugging Face folder, checked before any cell loads it.
+    (Skip it when the cells run on a remote Ray cluster whose workers may hold folders the driver lacks.)"""
+    from editing.models import KNOWN_MODELS
+
+    if spec.model not in KNOWN_MODELS and not (Path(spec.model).expanduser() / "config.json").is_file():
+        raise CampaignSpecError("model", f"{spec.model!r} is neither a known model name ({', '.join(KNOWN_MODELS)}) "
+                                "nor a local Hugging Face model folder with a config.json", spec.name)
 
 
 # ------------------------------------------------------------------------------------------ results

@@ -60,13 +60,16 @@ def campaign_run(
     _setup_logging(verbose)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cluster.campaign import CampaignSpecError, check_datasets, load_campaign, run_campaign, select_cells
+    from cluster.campaign import (CampaignSpecError, check_datasets, check_model, load_campaign, run_campaign,
+                                  select_cells)
     from cluster.jobs import JobError
 
     try:
         spec = load_campaign(campaign)
         select_cells(spec.cells(), only)  # checked again by run_campaign; here so an error comes before the bar
         check_datasets(spec)
+        if ray_address is None:  # a remote cluster's workers may hold model folders this driver lacks
+            check_model(spec)
     except CampaignSpecError as exc:
         _fail(exc, as_json)
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

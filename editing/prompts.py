@@ -6,6 +6,7 @@ found the same way for every tokenizer family, with or without a context prefix.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,17 @@ class Encoded:
         return [n_prompt - 1 + i for i in range(len(self.target_ids))]
 
 
+def _field_offset(context: str) -> int:
+    """Where `context`'s "{}" lands in `context.format(...)`: the literal text before it, with escaped
+    braces ("{{", "}}") counted once."""
+    n = 0
+    for literal, field, _spec, _conv in string.Formatter().parse(context):
+        n += len(literal)
+        if field is not None:
+            return n
+    raise ValueError(f"context template {context!r} has no '{{}}' for the prompt")
+
+
 def _subject_tokens(text: str, char_start: int, char_end: int, ids_offsets) -> tuple[int, int]:
     """(first, last) token index overlapping the characters [char_start, char_end) of `text`."""
     hit = [i for i, (s, e) in enumerate(ids_offsets) if e > s and s < char_end and e > char_start]
@@ -58,7 +70,7 @@ def encode(tok, prompt: str, subject: str, target: str | None = None, context: s
     if start_in_prompt < 0:
         raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
     text = context.format(prompt)
-    offset = context.format("\0").index("\0")  # where the prompt starts once escaped braces ("{{") are unescaped
+    offset = _field_offset(context)
     char_start = offset + start_in_prompt
     enc = tok(text, return_offsets_mapping=True)
     ids = list(enc["input_ids"])

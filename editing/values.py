@@ -5,6 +5,11 @@ edit layer's FFN output at the subject's last token, and minimises
     NLL(target_new | context + prompt)  +  kl_factor * KL(essence prompt)  +  weight decay,
 with a norm clamp and an early stop. With v* = W k + delta, the residual is delta itself.
 
+When the edit layer already carries a memory (sequential editing), earlier rows stay live
+everywhere except at the subject's last token, where the base FFN output is used
+(`base_output_at`): once the edit is added its own row, which holds that token's key, normally
+wins there and replaces whatever routed before (an older row with an identical key keeps the tie).
+
 Two implementations compute the same thing:
 - `optimise_residuals`: all edits of a batch share one forward/backward per step, each with
   its own delta rows and token positions; the layers up to the edit layer run once (their
@@ -136,7 +141,8 @@ def base_output_at(adapter: ArchAdapter, layer: int, seq: torch.Tensor, pos: tor
     base: dict = {}
 
     def splice(out: torch.Tensor) -> torch.Tensor:
-        return out.index_put((seq, pos), base["out"][seq, pos])
+        s, p = seq.to(out.device), pos.to(out.device)
+        return out.index_put((s, p), base["out"][s, p])
 
     with edit_output(down.base, lambda o: _keep(o, base)), edit_output(down, splice):
         yield

@@ -45,7 +45,6 @@ grid: {method: [cosine], T: [10]}
     (GOOD.replace("method: [cosine]", "method: [cosine+cal]").replace("T: [10]", "T: [10], threshold: [0.5]"),
      "grid.threshold.cosine+cal"),
     ("name: t\ngrid: [1, 2\n", "<file>"),
-    (GOOD + "model: /nonexistent/model-folder\n", "model"),  # refused before any cell loads it
     (GOOD.replace("T: [10]", "T: [10], threshold: [-2]"), "grid.threshold.cosine"),  # a cosine is never below -1
     (GOOD.replace("method: [cosine]", "method: [margin]").replace("T: [10]", "T: [10], threshold: [1.0]"),
      "grid.threshold.margin"),  # the margin activation would divide by gelu(0)
@@ -55,6 +54,21 @@ def test_bad_campaign_yaml_names_the_field(tmp_path, text, field):
         load_campaign(_yaml(tmp_path, text))
     assert exc.value.field == field
     assert repr(field) in str(exc.value) and "c.yaml" in str(exc.value)
+
+
+def test_campaign_model_must_exist_before_any_cell_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from cluster.campaign import check_model
+    from cluster.cli import app
+
+    path = _yaml(tmp_path, GOOD + "model: /nonexistent/model-folder\n")
+    with pytest.raises(CampaignSpecError) as exc:
+        check_model(load_campaign(path))
+    assert exc.value.field == "model" and "/nonexistent/model-folder" in str(exc.value)
+    check_model(load_campaign(_yaml(tmp_path, GOOD)))  # the default model is a known name
+    res = CliRunner().invoke(app, ["campaign", "run", str(path), "--store", str(tmp_path / "store"), "--json"])
+    assert res.exit_code != 0 and "model" in res.output and not (tmp_path / "store").exists()
 
 
 def test_bad_campaign_cli_exits_with_the_field(tmp_path):

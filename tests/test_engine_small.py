@@ -47,6 +47,8 @@ def test_encode_locates_the_subject_tokens_in_context(tokenizer):
         e = encode(tokenizer, prompt, subject, context="Some {{braced}} text. {}")  # "{{" is one "{" once formatted
         assert tokenizer.decode(e.ids[e.subject_first: e.subject_last + 1]).strip() == subject
         assert subject not in tokenizer.decode(e.ids[e.subject_first + 1: e.subject_last + 1])
+    with pytest.raises(ValueError, match="no '{}'"):
+        encode(tokenizer, REQS[0].prompt, REQS[0].subject, context="Some {{braced}} text.")
 
 
 def test_key_weights_the_unprefixed_prompt(tokenizer):
