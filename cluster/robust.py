@@ -68,7 +68,8 @@ def train_robust_keys(editor, st, memory: str, records, hp=None, seed: int = 0, 
     key = adapter.digest()
     st.put_artifact(ARTIFACT_KIND, key, adapter.to_bytes(),
                     {"memory": memory, "trained_on_version": info.version, "rows": len(rows), **adapter.config()})
-    v = st.commit(memory, router_patch={"robust_keys": {"artifact": key, **adapter.config()}},
+    v = st.commit(memory, router_patch={"robust_keys": {"artifact": key, **adapter.config(), "rows": len(rows),
+                                                        "trained_on_version": info.version}},
                   message=message or f"robust keys trained on {len(rows)} rows")
     seconds = round(time.perf_counter() - t0, 2)
     log.info("memory %r v%d: robust keys %s (%d rows, %.1fs)", memory, v.version, key, len(rows), seconds)

@@ -249,6 +249,9 @@ def test_robust_keys_are_committed_with_the_memory_and_served_from_it(smol, ten_
         assert out["version"] == info.version == 2 and out["rows"] == 10 and info.n_rows == 10
         ref = info.router["robust_keys"]
         assert ref["artifact"] == out["artifact"] and ref["d_key"] == smol.adapter.d_key
+        assert ref["rows"] == 10 and ref["trained_on_version"] == 1 and ref["rank"] == 64  # 64 per started 100 edits
+        shown = CliRunner().invoke(app, ["memory", "show", "facts", "--store", str(root)], terminal_width=200)
+        assert shown.exit_code == 0 and "trained on 10 rows at v1" in shown.output, shown.output
         adapter = RobustKeys.from_bytes(st.get_artifact(ARTIFACT_KIND, ref["artifact"])[0])
 
         settings = MemorySettings(MemoryRef("facts"), store=str(root), redis_url=embedded_url(root))
