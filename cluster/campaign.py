@@ -384,8 +384,8 @@ def check_datasets(spec: CampaignSpec) -> None:
 
 
 def check_model(spec: CampaignSpec) -> None:
-    """The model is a known name or a local Hugging Face folder, checked before any cell loads it.
-    (Skip it when the cells run on a remote Ray cluster whose workers may hold folders the driver lacks.)"""
+    """The model is a known name or a local Hugging Face folder, checked on the driver (as the datasets are)
+    before any cell loads it."""
     from editing.models import KNOWN_MODELS
 
     if spec.model not in KNOWN_MODELS and not (Path(spec.model).expanduser() / "config.json").is_file():

@@ -68,8 +68,7 @@ def campaign_run(
         spec = load_campaign(campaign)
         select_cells(spec.cells(), only)  # checked again by run_campaign; here so an error comes before the bar
         check_datasets(spec)
-        if ray_address is None:  # a remote cluster's workers may hold model folders this driver lacks
-            check_model(spec)
+        check_model(spec)  # on the driver, as the datasets are
     except CampaignSpecError as exc:
         _fail(exc, as_json)
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

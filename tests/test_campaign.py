@@ -66,9 +66,9 @@ def test_campaign_model_must_exist_before_any_cell_runs(tmp_path):
     with pytest.raises(CampaignSpecError) as exc:
         check_model(load_campaign(path))
     assert exc.value.field == "model" and "/nonexistent/model-folder" in str(exc.value)
-    check_model(load_campaign(_yaml(tmp_path, GOOD)))  # the default model is a known name
     res = CliRunner().invoke(app, ["campaign", "run", str(path), "--store", str(tmp_path / "store"), "--json"])
-    assert res.exit_code != 0 and "model" in res.output and not (tmp_path / "store").exists()
+    assert res.exit_code == 2 and "'model'" in res.output and not (tmp_path / "store").exists()
+    check_model(load_campaign(_yaml(tmp_path, GOOD)))  # the default model is a known name
 
 
 def test_bad_campaign_cli_exits_with_the_field(tmp_path):
