@@ -58,7 +58,8 @@ METRICS = (
     "efficacy", "generalization", "specificity", "pre_specificity", "locality", "fluency", "pre_fluency",
     "perplexity_delta", "subject_rephrase", "subject_rephrase_in_domain", "subject_rephrase_out_of_domain",
     "shuffled_subject", "long_context", "withdrawal_reverted",
-    "withdrawal_retained", "withdrawal_reverted_unshared", "withdrawal_shared_subject", "routing_capacity", "routing_top1", "false_gate_rate", "sample_efficacy", "seconds",
+    "withdrawal_retained", "withdrawal_reverted_unshared", "withdrawal_shared_subject", "withdrawal_reverted_top1",
+    "routing_capacity", "routing_top1", "false_gate_rate", "sample_efficacy", "seconds",
 )
 
 RESULT_SCHEMA = pa.schema(

@@ -25,6 +25,7 @@ TABLE_COLUMNS = (
     ("shuffled_subject", "Shuffled", None),
     ("long_context", "Long ctx", None), ("withdrawal_reverted", "Withdrawal reverted", None),
     ("withdrawal_reverted_unshared", "Reverted (subject not kept)", None),
+    ("withdrawal_reverted_top1", "Reverted (top-1)", None),
     ("withdrawal_retained", "Withdrawal retained", None), ("seconds", "Seconds", None),
 )
 SCALE_COLUMNS = (("routing_capacity", "Routing capacity"), ("routing_top1", "Own row top-1"),

@@ -268,7 +268,10 @@ def withdrawal(ed, reqs: list[EditRequest], edit_ids: list[str], base_logits: to
     - `withdrawal_shared_subject`: share of deleted edits whose subject a kept edit also has (zsRE
       repeats subjects with other questions): the kept edit's row is the same subject's key, so it
       rightly still fires on the deleted edit's prompt;
-    - `withdrawal_reverted_unshared`: `withdrawal_reverted` over the other deleted edits.
+    - `withdrawal_reverted_unshared`: `withdrawal_reverted` over the other deleted edits;
+    - `withdrawal_reverted_top1`: share of deleted edits whose predicted next token (the argmax)
+      is the unedited model's: a kept row that still gates on a deleted edit's prompt moves its
+      logits, and this says how often it also moves the answer.
     The deleted edits stay deleted.
     """
     delete = getattr(ed, "delete", None) or ed.memory.delete
@@ -276,6 +279,7 @@ def withdrawal(ed, reqs: list[EditRequest], edit_ids: list[str], base_logits: to
     delete([edit_ids[i] for i in gone])
     after = next_token_logits(ed.model, ed.tok, _in_context(ed, [reqs[i].prompt for i in gone]))
     same = [torch.equal(after[j], base_logits[j]) for j in range(len(gone))]
+    same_top1 = (after.argmax(-1) == base_logits.to(after.device).argmax(-1)).tolist()
     kept_subjects = {reqs[i].subject for i in kept}
     shared = [reqs[i].subject in kept_subjects for i in gone]
     return {
@@ -283,6 +287,7 @@ def withdrawal(ed, reqs: list[EditRequest], edit_ids: list[str], base_logits: to
         "withdrawal_retained": efficacy(ed, [reqs[i] for i in kept], metric) if kept else None,
         "withdrawal_shared_subject": _rate(shared),
         "withdrawal_reverted_unshared": _rate([x for x, s in zip(same, shared) if not s]),
+        "withdrawal_reverted_top1": _rate(same_top1),
     }
 
 

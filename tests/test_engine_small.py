@@ -222,6 +222,11 @@ def test_withdrawal_separates_deleted_edits_whose_subject_a_kept_edit_shares(tok
     assert out["withdrawal_reverted"] == 0.5  # "a" still meets "b"'s row; "c" is the unedited model again
     assert out["withdrawal_shared_subject"] == 0.5 and out["withdrawal_reverted_unshared"] == 1.0
     assert sorted(mem.slots) == ["b", "d"]
+    # a tiny residual from the kept row moves "a"'s logits but not its predicted token
+    mem.clear()
+    mem.add(["a", "b", "c", "d"], compute_keys(model, tokenizer, ad, 1, reqs, ["{}"]), torch.full((4, ad.d_model), 1e-3))
+    out = withdrawal(SimpleNamespace(model=model, tok=tokenizer, memory=mem), reqs, ["a", "b", "c", "d"], base)
+    assert out["withdrawal_reverted"] == 0.5 and out["withdrawal_reverted_top1"] == 1.0
 
 
 def test_robust_key_rank_grows_with_the_memory():
