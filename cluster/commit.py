@@ -113,6 +113,20 @@ def calibrated_router(editor, st, memory: str, table: pa.Table, requests: dict |
     return {"threshold": round(cal.threshold, 6), "calibration": cal.to_dict()}
 
 
+def stats_patch(editor, st, have: dict) -> dict | None:
+    """For a whitened memory: put the editor's C0 in the store (artifact "stats",
+    "<fingerprint>-L<layer>-<corpus hash>", as jobs do) and return the router-config patch naming it,
+    so replicas on other hosts route with the statistics the edits were made with. None when the
+    config already names it or the router is not whitened."""
+    if have.get("name") != "whitened":
+        return None
+    c0 = editor.stats()
+    key = f"{editor.spec.model_fingerprint}-L{editor.layer}-{c0.meta.get('corpus_hash', 'unknown')}"
+    if st.find_artifact("stats", key) != key:
+        st.put_artifact("stats", key, c0.to_bytes(), {**c0.meta, "tokens": c0.count})
+    return None if have.get("stats") == key else {"stats": key}
+
+
 def commit_edits(editor, table: pa.Table, memory: str, store: str | None, redis_url: str | None, router: str,
                  threshold: float | str | None = None, job_id: str | None = None, records: list | None = None) -> dict:
     """Create `memory` if needed (bound to the editor's model, layer and router) and commit `table`.
@@ -125,6 +139,7 @@ def commit_edits(editor, table: pa.Table, memory: str, store: str | None, redis_
     with open_store(store, redis_url) as st:
         have = ensure_memory(st, memory, editor.spec, router, threshold)
         update = calibrated_router(editor, st, memory, table, requests) if is_calibrated(have) else None
+        update = {**(update or {}), **(stats_patch(editor, st, have) or {})} or None
         v = st.commit(memory, add=table, message=f"edit run: {table.num_rows} edits", job_id=job_id, router_patch=update)
     cfg = {**have, **(update or {})}
     out = {"memory": memory, "version": v.version, "store": st.root, "threshold": cfg.get("threshold")}

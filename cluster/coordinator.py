@@ -615,7 +615,7 @@ class _JobRun:
         try:
             v = self.coord.store.commit(self.spec.memory, add=table, job_id=self.job_id, skip_existing=True,
                                         message=f"job {self.job_id}: {len(indices)} edits",
-                                        router_patch=self.calibrated_router(table, indices))
+                                        router_patch=self.router_patch(table, indices))
         except StoreUnavailableError:
             raise
         except StoreError as exc:
@@ -633,6 +633,15 @@ class _JobRun:
         log.info("job %s: committed %d edits -> memory %r v%d", self.job_id, len(indices), self.spec.memory, v.version)
         self.event("optimise", self.count(RecordState.COMMITTED), len(self.spec.records))
         self.submit_evaluation(indices, v.version)
+
+    def router_patch(self, table: pa.Table, indices: list[int]) -> dict | None:
+        """The router-config patch of this commit: the recalibrated threshold (calibrated memories), and for a
+        whitened memory the C0 artifact the job built (`"stats"`), which replicas load to route."""
+        patch = self.calibrated_router(table, indices) or {}
+        if self.spec.router == "whitened" and self.stats_key \
+                and self.coord.store.info(self.spec.memory).router.get("stats") != self.stats_key:
+            patch["stats"] = self.stats_key
+        return patch or None
 
     def calibrated_router(self, table: pa.Table, indices: list[int]) -> dict | None:
         """The recalibrated router-config patch for this commit (None: the memory is not calibrated, or

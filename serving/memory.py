@@ -147,14 +147,17 @@ def resolve_memory(settings: MemorySettings, served: ServedModel) -> ResolvedMem
 def load_second_moment(spec: MemorySpec, store: MemoryStore | None, key: str | None = None) -> SecondMoment:
     """C0 of the edit layer for the whitened router.
 
-    Looked up as store artifact ("stats", key or "<fingerprint>-L<layer>"), then in the local
-    statistics cache that `Editor.stats()` writes (`cache_dir()/stats/<fingerprint>-L<layer>-*.pt`).
+    Looked up as store artifact ("stats", `key`: the router config's `"stats"`, which jobs and
+    `edit run` write), else the newest "<fingerprint>-L<layer>-<corpus hash>" artifact in the store,
+    then in the local statistics cache that `Editor.stats()` writes
+    (`cache_dir()/stats/<fingerprint>-L<layer>-*.pt`).
     """
-    key = key or f"{spec.model_fingerprint}-L{spec.layer}"
     if store is not None:
-        found = store.get_artifact(STATS_ARTIFACT, key)
+        found_key = key or store.find_artifact(STATS_ARTIFACT, f"{spec.model_fingerprint}-L{spec.layer}-")
+        found = store.get_artifact(STATS_ARTIFACT, found_key) if found_key else None
         if found is not None:
             return SecondMoment.from_bytes(found[0])
+    key = key or f"{spec.model_fingerprint}-L{spec.layer}-*"
     local = sorted((cache_dir() / "stats").glob(f"{spec.model_fingerprint}-L{spec.layer}-*.pt"),
                    key=lambda p: p.stat().st_mtime)
     if local:

@@ -28,6 +28,11 @@ SCHEMA = pa.schema([
 ])
 
 
+def _newest(hits: pa.Table) -> int:
+    """Index of the row of `hits` (an index table) written last."""
+    return pc.sort_indices(hits, sort_keys=[("written_at", "descending"), ("_rowaddr", "descending")])[0].as_py()
+
+
 class ArtifactStore:
     """Blobs keyed by (kind, key) under one store root."""
 
@@ -52,19 +57,30 @@ class ArtifactStore:
         append_rows(self.uri, row, self.storage_options)
         return digest
 
-    def get(self, kind: str, key: str) -> tuple[bytes, dict] | None:
-        """(data, meta) of the newest blob under (kind, key), or None."""
+    def _hits(self, kind: str, key: str, prefix: bool = False):
+        """(dataset, index rows of `kind` whose key is `key`, or starts with it) or (None, None) when none."""
         try:
             ds = lance.dataset(self.uri, session=session(), storage_options=self.storage_options)
         except (ValueError, OSError) as exc:
             if _not_found(str(exc)):
-                return None
+                return None, None
             raise CorruptMemoryError(f"artifacts: cannot open {self.uri}: {exc}") from exc
         index = ds.scanner(columns=["kind", "key", "written_at"], with_row_address=True).to_table()
-        hits = index.filter(pc.and_(pc.equal(index.column("kind"), kind), pc.equal(index.column("key"), key)))
-        if hits.num_rows == 0:
+        match = pc.starts_with(index.column("key"), key) if prefix else pc.equal(index.column("key"), key)
+        hits = index.filter(pc.and_(pc.equal(index.column("kind"), kind), match))
+        return (ds, hits) if hits.num_rows else (None, None)
+
+    def newest_key(self, kind: str, prefix: str) -> str | None:
+        """The key under `kind` starting with `prefix` that was written last, or None."""
+        _, hits = self._hits(kind, prefix, prefix=True)
+        return None if hits is None else hits.column("key")[_newest(hits)].as_py()
+
+    def get(self, kind: str, key: str) -> tuple[bytes, dict] | None:
+        """(data, meta) of the newest blob under (kind, key), or None."""
+        ds, hits = self._hits(kind, key)
+        if hits is None:
             return None
-        newest = pc.sort_indices(hits, sort_keys=[("written_at", "descending"), ("_rowaddr", "descending")])[0].as_py()
+        newest = _newest(hits)
         addr = hits.column("_rowaddr")[newest].as_py()
         row = ds._take_rows([addr], columns=["data", "meta", "sha256"]).to_pylist()[0]
         data = row["data"]

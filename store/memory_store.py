@@ -757,3 +757,7 @@ class MemoryStore:
     def get_artifact(self, kind: str, key: str) -> tuple[bytes, dict] | None:
         """(data, meta) of the newest blob under (kind, key), or None."""
         return self.artifacts.get(kind, key)
+
+    def find_artifact(self, kind: str, prefix: str) -> str | None:
+        """The most recently written key under `kind` that starts with `prefix`, or None."""
+        return self.artifacts.newest_key(kind, prefix)

@@ -105,6 +105,27 @@ def test_commit_recalibrates_and_memory_show_reports_it(smol, edits, tmp_path):
     assert "false-gate rate (est.)" in res.output and "calibrated" in res.output
 
 
+def test_whitened_commit_puts_its_statistics_in_the_store(smol, edits, tmp_path, monkeypatch):
+    """`edit run --memory` into a whitened memory: the C0 it routes with goes into the store and the
+    version names it, so a replica on another host (no local statistics cache) routes the same way."""
+    from cluster.commit import commit_edits
+    from editing.routers import WhitenedRouter
+    from serving.memory import make_memory_router
+    from store import MemoryStore
+
+    recs, computed = edits
+    root = str(tmp_path / "store")
+    first = commit_edits(smol, computed.table.slice(0, 2), "white", root, None, "whitened", records=recs[:2])
+    commit_edits(smol, computed.table.slice(2), "white", root, None, "whitened", records=recs[2:])
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "elsewhere"))
+    with MemoryStore(root) as st:
+        v1, v2 = st.info("white", 1), st.info("white", 2)
+        router, threshold = make_memory_router(v2.router, v2.spec, st)
+    assert v1.router["stats"] == v2.router["stats"] and v1.router["stats"].startswith(f"{smol.spec.model_fingerprint}-L{smol.layer}-")
+    assert threshold == first["threshold"]
+    assert torch.equal(router.c0_inv, WhitenedRouter(smol.stats().mean).c0_inv)
+
+
 def test_sequential_eval_recalibrates_after_every_batch(smol, cf_valid):
     """`kvedit eval --calibrate` / campaign "+cal": each batch re-chooses the threshold on every row so far."""
     from editing import EditConfig, Editor

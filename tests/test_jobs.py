@@ -17,6 +17,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from cluster.jobs import (
     JobConflictError, JobSpec, JobState, JobStateError, QueueUnavailableError, RecordState, job_edit_id,
@@ -174,7 +175,7 @@ def test_end_to_end_job_then_duplicate_submission(coord, env, raw_records):
     assert r.status_code == 200 and r.json()["n_committed"] == 4
 
 
-def test_statistics_are_sharded_merged_and_cached(coord):
+def test_statistics_are_sharded_merged_and_cached(coord, tmp_path, monkeypatch):
     from cluster.runtime import ActorPool
     from editing.stats import SecondMoment
     from workers.covariance import CovarianceBuilder
@@ -197,6 +198,33 @@ def test_statistics_are_sharded_merged_and_cached(coord):
     # built once: the next call is a cache hit (no actor is started)
     _, meta = coord.ensure_statistics(MODEL, layer, fp, 1024)
     assert meta["cached"] is True
+    # a replica on another host (no local statistics cache) finds them in the store
+    from editing.table import MemorySpec
+    from serving.memory import load_second_moment
+
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path))
+    got = load_second_moment(MemorySpec(**spec), coord.store)
+    assert got.count == one.count and torch.equal(got.total, one.total)
+
+
+def test_whitened_job_names_its_statistics_for_replicas(coord, raw_records, tmp_path, monkeypatch):
+    """The C0 a whitened job routes with is the one its memory's versions name, so every replica uses it."""
+    from serving.memory import make_memory_router
+
+    spec = _spec(raw_records[4:6], "white", job_id="white-1", router="whitened", stats_tokens=1024)
+    coord.jobs.submit(spec)
+    _run(coord, spec.job_id)
+    st = coord.jobs.get(spec.job_id)
+    assert st.state == JobState.SUCCEEDED, st.error
+    info = coord.store.info("white")
+    assert st.stats_key and info.router["stats"] == st.stats_key
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path))  # nothing local: the store's artifact or an error
+    router, _ = make_memory_router(info.router, info.spec, coord.store)
+    from editing.routers import WhitenedRouter
+    from editing.stats import SecondMoment
+
+    stored = SecondMoment.from_bytes(coord.store.get_artifact("stats", st.stats_key)[0])
+    assert torch.equal(router.c0_inv, WhitenedRouter(stored.mean).c0_inv)
 
 
 def test_actor_killed_mid_batch_batch_is_retried(coord, raw_records):

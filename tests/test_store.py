@@ -756,7 +756,7 @@ def test_memory_uri_store_behaves_like_a_directory(store_root):
 
 
 def test_artifacts_are_keyed_and_latest_wins(store):
-    assert store.get_artifact("cov", "missing") is None
+    assert store.get_artifact("cov", "missing") is None and store.find_artifact("cov", "fp|") is None
     blob = os.urandom(200_000)
     store.put_artifact("cov", "fp|3|corpus-1", blob, {"n_tokens": 1000})
     store.put_artifact("cov", "fp|3|corpus-2", b"other", {})
@@ -764,6 +764,10 @@ def test_artifacts_are_keyed_and_latest_wins(store):
     store.put_artifact("cov", "fp|3|corpus-1", b"newer", {"n_tokens": 2000})
     assert store.get_artifact("cov", "fp|3|corpus-1") == (b"newer", {"n_tokens": 2000})
     assert store.get_artifact("other-kind", "fp|3|corpus-1") is None
+    # the newest key under a prefix (a replica looking for any statistics of a model and layer)
+    assert store.find_artifact("cov", "fp|3|") == "fp|3|corpus-1"
+    assert store.find_artifact("cov", "fp|3|corpus-2") == "fp|3|corpus-2"
+    assert store.find_artifact("cov", "fp|4|") is None and store.find_artifact("other-kind", "fp|") is None
 
 
 def test_cli_commands_with_json(store, store_root, name, tmp_path):
