@@ -331,6 +331,13 @@ def parse_campaign(data: Any, source: str | None = None) -> CampaignSpec:
                     ROUTERS[base].check_threshold(v)
                 except ValueError as exc:
                     raise CampaignSpecError(f"grid.threshold.{m}", str(exc), source) from exc
+    if SYNTHETIC in datasets:  # the scale protocol measures a router's memory: no baselines, no +rep / +cal
+        from editing.routers import ROUTERS
+
+        for i, m in enumerate(methods):
+            if m not in ROUTERS:
+                raise CampaignSpecError(f"grid.method[{i}]", f"{m!r} cannot run on the {SYNTHETIC!r} dataset: its scale "
+                                        f"cells take a plain router ({', '.join(sorted(ROUTERS))})", source)
     layers = _list(grid.get("layer", [None]), "grid.layer", source, lambda v: v is None or (_is_int(v) and v >= 0),
                    "a layer index >= 0 or null")
     ts = _list(grid["T"], "grid.T", source, lambda v: _is_int(v) and v >= 1, "a number of edits >= 1")

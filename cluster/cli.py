@@ -220,11 +220,11 @@ def generate(
     edited = None
     if memory_ref is not None:
         try:
-            adapter = None
+            adapter = stats = None
             if Path(memory_ref).exists():
                 spec, table = read_edit_table(memory_ref)
             else:
-                from cluster.commit import open_store
+                from cluster.commit import memory_stats, open_store
                 from store.artifacts import read_robust_keys
 
                 name, _, ver = memory_ref.partition("@")
@@ -235,8 +235,9 @@ def generate(
                 spec, router = info.spec, info.router.get("name", router)
                 threshold = threshold if threshold is not None else info.router.get("threshold")
                 adapter = read_robust_keys(st, info.router, spec.d_key, f"memory {name!r} v{info.version}")
+                stats = memory_stats(st, spec, info.router)
             editor.config.layer = spec.layer
-            routed = editor.attach(table, spec=spec, router=router, threshold=threshold)
+            routed = editor.attach(table, spec=spec, router=router, threshold=threshold, stats=stats)
             routed.query_adapter = None if adapter is None else adapter.to(routed.rows.device)  # as replicas serve it
         except Exception as exc:  # noqa: BLE001 - every failure here is reported to the user the same way
             fail(str(exc))

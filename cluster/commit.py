@@ -87,10 +87,12 @@ def calibrated_router(editor, st, memory: str, table: pa.Table, requests: dict |
 
     editor: an `Editor` of the memory's model and layer. requests: edit_id -> `EditRequest` of the
     new rows (their paraphrases become positives too). stats: C0 for the whitened router
-    (default: `editor.stats()`). Rows already in the memory are kept as they are (skip_existing).
+    (default: the one the memory names, else `editor.stats()`). Queries pass through the memory's REP
+    adapter when it has one, as they do when served. Rows already in the memory are kept as they are (skip_existing).
     """
     from editing.calibrate import CalibrationConfig, calibrate, fact_prompts
     from editing.table import table_tensors
+    from store.artifacts import read_robust_keys
 
     info, current = st.load(memory, spec=editor.spec)
     if not is_calibrated(info.router):
@@ -98,9 +100,11 @@ def calibrated_router(editor, st, memory: str, table: pa.Table, requests: dict |
     new = table.filter(pc.invert(pc.is_in(table.column("edit_id"), value_set=current.column("edit_id"))))
     rows = pa.concat_tables([current, new.select(current.schema.names).cast(current.schema)])
     name = info.router["name"]
-    routed = editor.new_memory(router=name, stats=stats)
+    routed = editor.new_memory(router=name, stats=stats if stats is not None else memory_stats(st, editor.spec, info.router))
     ids, keys, residuals = table_tensors(rows, editor.spec)
     routed.add(ids, keys, residuals)
+    adapter = read_robust_keys(st, info.router, editor.spec.d_key, f"memory {memory!r} v{info.version}")
+    routed.query_adapter = None if adapter is None else adapter.to(routed.rows.device)  # gate what replicas gate
     facts = list(zip(ids, rows.column("subject").to_pylist(), rows.column("prompt").to_pylist()))
     requests = requests or {}
     facts += [f for f in fact_prompts(list(requests), list(requests.values())) if f[2] != requests[f[0]].prompt]
@@ -113,18 +117,30 @@ def calibrated_router(editor, st, memory: str, table: pa.Table, requests: dict |
     return {"threshold": round(cal.threshold, 6), "calibration": cal.to_dict()}
 
 
+def memory_stats(st, spec, router: dict):
+    """C0 a whitened memory routes with: the artifact its router config names (None: not whitened, or
+    no statistics named yet). Once named it never changes, so every replica and every later commit,
+    calibration and adapter uses the same C0 (`store.artifacts.read_second_moment`)."""
+    from store.artifacts import read_second_moment
+
+    if router.get("name") != "whitened" or not router.get("stats"):
+        return None
+    return read_second_moment(st, spec.model_fingerprint, spec.layer, router["stats"])
+
+
 def stats_patch(editor, st, have: dict) -> dict | None:
-    """For a whitened memory: put the editor's C0 in the store (artifact "stats",
-    "<fingerprint>-L<layer>-<corpus hash>", as jobs do) and return the router-config patch naming it,
-    so replicas on other hosts route with the statistics the edits were made with. None when the
-    config already names it or the router is not whitened."""
-    if have.get("name") != "whitened":
+    """For a whitened memory that names no statistics yet: put the editor's C0 in the store (artifact
+    "stats", `store.artifacts.stats_key`, as jobs do) and return the router-config patch naming it, so
+    replicas on other hosts route with the statistics the edits were made with. None otherwise."""
+    from store.artifacts import STATS_KIND, stats_key
+
+    if have.get("name") != "whitened" or have.get("stats"):
         return None
     c0 = editor.stats()
-    key = f"{editor.spec.model_fingerprint}-L{editor.layer}-{c0.meta.get('corpus_hash', 'unknown')}"
-    if st.find_artifact("stats", key) != key:
-        st.put_artifact("stats", key, c0.to_bytes(), {**c0.meta, "tokens": c0.count})
-    return None if have.get("stats") == key else {"stats": key}
+    key = stats_key(editor.spec.model_fingerprint, editor.layer, c0.meta.get("corpus_hash", "unknown"))
+    if st.find_artifact(STATS_KIND, key) != key:
+        st.put_artifact(STATS_KIND, key, c0.to_bytes(), {**c0.meta, "tokens": c0.count})
+    return {"stats": key}
 
 
 def commit_edits(editor, table: pa.Table, memory: str, store: str | None, redis_url: str | None, router: str,
@@ -138,7 +154,8 @@ def commit_edits(editor, table: pa.Table, memory: str, store: str | None, redis_
     requests = dict(zip(table.column("edit_id").to_pylist(), records)) if records else None
     with open_store(store, redis_url) as st:
         have = ensure_memory(st, memory, editor.spec, router, threshold)
-        update = calibrated_router(editor, st, memory, table, requests) if is_calibrated(have) else None
+        stats = memory_stats(st, editor.spec, have)
+        update = calibrated_router(editor, st, memory, table, requests, stats) if is_calibrated(have) else None
         update = {**(update or {}), **(stats_patch(editor, st, have) or {})} or None
         v = st.commit(memory, add=table, message=f"edit run: {table.num_rows} edits", job_id=job_id, router_patch=update)
     cfg = {**have, **(update or {})}

@@ -540,8 +540,11 @@ class _JobRun:
         evaluators = self.coord.evaluator_pool()
         for slot in evaluators.slots if evaluators is not None else []:
             slot.handle.warm.remote(self.spec.model, mspec.layer)  # loads the model while batches run
-        ensure_memory(self.coord.store, self.spec.memory, mspec, self.spec.router, self.spec.threshold)
-        if self.spec.router == "whitened" or self.spec.stats_tokens:
+        have = ensure_memory(self.coord.store, self.spec.memory, mspec, self.spec.router, self.spec.threshold)
+        if have.get("stats"):  # a whitened memory keeps the C0 it was first routed with (`cluster.commit.memory_stats`)
+            self.stats_key = have["stats"]
+            self.coord.jobs.update(self.job_id, stats_key=self.stats_key)
+        elif self.spec.router == "whitened" or self.spec.stats_tokens:
             tokens = self.spec.stats_tokens or EditConfig.for_model(self.spec.model, **self.spec.editor_overrides()).stats_tokens
             self.coord.jobs.update(self.job_id, stage="statistics")
             self.stats_key, _ = self.coord.ensure_statistics(self.spec.model, mspec.layer, mspec.model_fingerprint, tokens,
@@ -636,10 +639,11 @@ class _JobRun:
 
     def router_patch(self, table: pa.Table, indices: list[int]) -> dict | None:
         """The router-config patch of this commit: the recalibrated threshold (calibrated memories), and for a
-        whitened memory the C0 artifact the job built (`"stats"`), which replicas load to route."""
+        whitened memory that names no statistics yet the C0 artifact the job built (`"stats"`), which
+        replicas load to route (named once, never re-pointed)."""
         patch = self.calibrated_router(table, indices) or {}
         if self.spec.router == "whitened" and self.stats_key \
-                and self.coord.store.info(self.spec.memory).router.get("stats") != self.stats_key:
+                and not self.coord.store.info(self.spec.memory).router.get("stats"):
             patch["stats"] = self.stats_key
         return patch or None
 

@@ -47,6 +47,7 @@ def train_robust_keys(editor, st, memory: str, records, hp=None, seed: int = 0, 
     training fails; a memory changed by another writer meanwhile gets the adapter on its newer
     version (the adapter only rewrites queries, rows added since are routed as before).
     """
+    from cluster.commit import memory_stats
     from editing.rep import ARTIFACT_KIND, RobustKeyHparams, fit_robust_keys
     from editing.stats import corpus_half, default_corpus_path
     from editing.table import table_tensors
@@ -60,7 +61,8 @@ def train_robust_keys(editor, st, memory: str, records, hp=None, seed: int = 0, 
     if not any(r.subject_rephrases for r in reqs):
         raise ValueError("robust keys train on subject rephrasings; none of the records has `subject_rephrase`")
     ids, keys, residuals = table_tensors(table, editor.spec)
-    routed = editor.new_memory(router=info.router.get("name", "cosine"), threshold=info.router.get("threshold"))
+    routed = editor.new_memory(router=info.router.get("name", "cosine"), threshold=info.router.get("threshold"),
+                               stats=memory_stats(st, editor.spec, info.router))
     routed.add(ids, keys, residuals)
     text = negative_text if negative_text is not None else corpus_half(default_corpus_path().read_text(), "first")
     adapter = fit_robust_keys(editor, routed, reqs, keys[torch.tensor(rows)], text,

@@ -49,14 +49,13 @@ from editing.table import MemoryMismatchError, MemorySpec, table_tensors
 from serving.errors import MemoryFollowError, ServingConfigError
 from serving.settings import MemorySettings
 from store import MemoryInfo, MemoryStore, StoreError, StoreUnavailableError, VersionNotFoundError
-from store.artifacts import read_robust_keys
+from store.artifacts import read_robust_keys, read_second_moment
 
 logger = logging.getLogger(__name__)
 
 RESYNC_SECONDS = 15.0  # head check while subscribed (missed notifications)
 MAX_BACKOFF_SECONDS = 30.0  # longest wait between Redis reconnection attempts (at most 10 polls)
 MAX_PENDING = 8  # staged deltas beyond this are collapsed into one snapshot
-STATS_ARTIFACT = "stats"  # artifact kind holding C0 for the whitened router
 
 
 @dataclass(frozen=True)
@@ -145,28 +144,19 @@ def resolve_memory(settings: MemorySettings, served: ServedModel) -> ResolvedMem
 
 
 def load_second_moment(spec: MemorySpec, store: MemoryStore | None, key: str | None = None) -> SecondMoment:
-    """C0 of the edit layer for the whitened router.
-
-    Looked up as store artifact ("stats", `key`: the router config's `"stats"`, which jobs and
-    `edit run` write), else the newest "<fingerprint>-L<layer>-<corpus hash>" artifact in the store,
-    then in the local statistics cache that `Editor.stats()` writes
-    (`cache_dir()/stats/<fingerprint>-L<layer>-*.pt`).
-    """
-    if store is not None:
-        found_key = key or store.find_artifact(STATS_ARTIFACT, f"{spec.model_fingerprint}-L{spec.layer}-")
-        found = store.get_artifact(STATS_ARTIFACT, found_key) if found_key else None
-        if found is not None:
-            return SecondMoment.from_bytes(found[0])
-    key = key or f"{spec.model_fingerprint}-L{spec.layer}-*"
-    local = sorted((cache_dir() / "stats").glob(f"{spec.model_fingerprint}-L{spec.layer}-*.pt"),
-                   key=lambda p: p.stat().st_mtime)
-    if local:
-        return SecondMoment.load(local[-1])
-    raise ServingConfigError(
-        f"the whitened router needs C0 statistics of layer {spec.layer} of model {spec.model_fingerprint}: "
-        f"none in the store (artifact {STATS_ARTIFACT}/{key}) nor in {cache_dir() / 'stats'}; "
-        "compute them once with Editor.stats() on this host or put them in the store"
-    )
+    """C0 of the edit layer for the whitened router (`store.artifacts.read_second_moment`: the artifact
+    `key` names, else the newest of the model and layer in the store, else the local cache)."""
+    try:
+        found = read_second_moment(store, spec.model_fingerprint, spec.layer, key)
+    except StoreError as exc:
+        raise ServingConfigError(f"the whitened router's statistics: {exc}") from exc
+    if found is None:
+        raise ServingConfigError(
+            f"the whitened router needs C0 statistics of layer {spec.layer} of model {spec.model_fingerprint}: "
+            f"none in the store nor in {cache_dir() / 'stats'}; "
+            "compute them once with Editor.stats() on this host or put them in the store"
+        )
+    return found
 
 
 def make_memory_router(config: dict, spec: MemorySpec, store: MemoryStore | None) -> tuple[Router, float | None]:

@@ -89,6 +89,41 @@ class ArtifactStore:
         return data, json.loads(row["meta"])
 
 
+STATS_KIND = "stats"  # artifact kind holding C0 (`editing.stats.SecondMoment`) for the whitened router
+
+
+def stats_key(fingerprint: str, layer: int, corpus_hash: str) -> str:
+    """The artifact key of C0 of (model, layer) over a corpus, as jobs and `edit run` write it."""
+    return f"{fingerprint}-L{layer}-{corpus_hash}"
+
+
+def read_second_moment(store, fingerprint: str, layer: int, key: str | None = None):
+    """C0 (`editing.stats.SecondMoment`) for a whitened memory, or None when there is none.
+
+    `key`: the memory's router config `"stats"` (the artifact its edits were routed with); without
+    it the newest "<fingerprint>-L<layer>-*" artifact in `store` (None: no store), then the local
+    statistics cache `Editor.stats()` writes (`cache_dir()/stats/<fingerprint>-L<layer>-*.pt`).
+    A named artifact that is missing or unreadable is an error (`CorruptMemoryError`), not a fallback.
+    """
+    from editing.models import cache_dir
+    from editing.stats import SecondMoment
+
+    if key is not None:
+        found = store.get_artifact(STATS_KIND, key) if store is not None else None
+        if found is None:
+            raise CorruptMemoryError(f"C0 statistics artifact {key!r} is not in the store")
+        try:
+            return SecondMoment.from_bytes(found[0])
+        except Exception as exc:  # a torn or foreign blob
+            raise CorruptMemoryError(f"C0 statistics artifact {key!r} cannot be read: {exc}") from exc
+    prefix = stats_key(fingerprint, layer, "")
+    newest = store.find_artifact(STATS_KIND, prefix) if store is not None else None
+    if newest is not None:
+        return SecondMoment.from_bytes(store.get_artifact(STATS_KIND, newest)[0])
+    local = sorted((cache_dir() / "stats").glob(f"{prefix}*.pt"), key=lambda p: p.stat().st_mtime)
+    return SecondMoment.load(local[-1]) if local else None
+
+
 def read_robust_keys(store, router: dict | None, d_key: int, where: str):
     """The REP adapter (`editing.rep.RobustKeys`, on CPU) a memory version's router config names, or None.
 

@@ -730,7 +730,10 @@ class MemoryStore:
         """Add the rows of a Parquet/Arrow edit table (existing edit_ids skipped) as one commit.
 
         A missing memory is created from the file's `kvedit.spec` and router config (else `router`, else
-        the cosine router at its default threshold).
+        the cosine router at its default threshold). Artifacts that config names (a REP adapter, the
+        whitened router's C0) live in the exporting store; where this store lacks them the reference is
+        dropped, logged and named in the version's message, so the memory serves without them instead
+        of failing to load.
         """
         try:
             head_v: int | None = self.info(name).version
@@ -746,9 +749,31 @@ class MemoryStore:
                 raise InvalidRowsError(f"{path}: {exc}", name) from exc
             except MemoryMismatchError as exc:
                 raise MemoryMismatchError(f"{path}: {exc}") from exc
-            self.create(name, spec, file_router(table) or router or {"name": "cosine"}, exist_ok=True)
+            config, dropped = self._available_artifacts(file_router(table) or router or {"name": "cosine"})
+            if dropped:
+                log.warning("import %s into %r: %s not in this store, dropped from the router config", path, name,
+                            ", ".join(dropped))
+                message = message or f"import {Path(str(path)).name} (not in this store, dropped: {', '.join(dropped)})"
+            self.create(name, spec, config, exist_ok=True)
         return self._change(name, add=table, delete_ids=None, where_sql=None, message=message or f"import {Path(str(path)).name}",
                             job_id=job_id, skip_existing=True, metadata_update=None, op="import")
+
+    def _available_artifacts(self, router: dict) -> tuple[dict, list[str]]:
+        """`router` without the artifact references (robust keys, C0 statistics) this store cannot resolve,
+        and a description of each one dropped."""
+        from editing.rep import ARTIFACT_KIND
+
+        from .artifacts import STATS_KIND
+
+        config, dropped = dict(router), []
+        rk = config.get("robust_keys")
+        key = rk.get("artifact") if isinstance(rk, dict) else None
+        if rk and (not key or self.find_artifact(ARTIFACT_KIND, key) != key):
+            dropped.append(f"robust-keys artifact {key!r}")
+            config.pop("robust_keys")
+        if config.get("stats") and self.find_artifact(STATS_KIND, config["stats"]) != config["stats"]:
+            dropped.append(f"C0 statistics artifact {config.pop('stats')!r}")
+        return config, dropped
 
     def put_artifact(self, kind: str, key: str, data: bytes, meta: dict | None = None) -> str:
         """Store a small blob under (kind, key) atomically; returns its SHA-256."""

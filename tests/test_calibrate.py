@@ -105,6 +105,31 @@ def test_commit_recalibrates_and_memory_show_reports_it(smol, edits, tmp_path):
     assert "false-gate rate (est.)" in res.output and "calibrated" in res.output
 
 
+def test_recalibration_gates_through_the_memory_s_robust_keys(smol, edits, tmp_path):
+    """A calibrated memory with a REP adapter: every commit chooses its threshold on adapted queries, the
+    ones replicas gate; the same commits without the adapter choose another threshold."""
+    from cluster.commit import commit_edits
+    from editing.rep import ARTIFACT_KIND, RobustKeys
+    from store import MemoryStore
+
+    recs, computed = edits
+    root = str(tmp_path / "store")
+    torch.manual_seed(0)
+    adapter = RobustKeys(smol.spec.d_key, rank=4)
+    with torch.no_grad():  # an adapter that moves every query a lot, so its effect on the threshold shows
+        adapter.up.normal_(0.0, 1.0)
+        adapter.gate_b.fill_(10.0)
+    with MemoryStore(root) as st:
+        for name in ("plain", "adapted"):
+            st.create(name, smol.spec, {"name": "cosine", "threshold": 0.65, "calibrate": CONFIG})
+            commit_edits(smol, computed.table.slice(0, 2), name, root, None, "cosine", records=recs[:2])
+        st.put_artifact(ARTIFACT_KIND, adapter.digest(), adapter.to_bytes())
+        st.commit("adapted", router_patch={"robust_keys": {"artifact": adapter.digest(), **adapter.config()}})
+    plain = commit_edits(smol, computed.table.slice(2), "plain", root, None, "cosine", records=recs[2:])
+    adapted = commit_edits(smol, computed.table.slice(2), "adapted", root, None, "cosine", records=recs[2:])
+    assert adapted["threshold"] != plain["threshold"]  # equal when calibration ignored the adapter
+
+
 def test_whitened_commit_puts_its_statistics_in_the_store(smol, edits, tmp_path, monkeypatch):
     """`edit run --memory` into a whitened memory: the C0 it routes with goes into the store and the
     version names it, so a replica on another host (no local statistics cache) routes the same way."""
@@ -113,10 +138,15 @@ def test_whitened_commit_puts_its_statistics_in_the_store(smol, edits, tmp_path,
     from serving.memory import make_memory_router
     from store import MemoryStore
 
+    from editing import EditConfig, Editor
+
     recs, computed = edits
     root = str(tmp_path / "store")
     first = commit_edits(smol, computed.table.slice(0, 2), "white", root, None, "whitened", records=recs[:2])
-    commit_edits(smol, computed.table.slice(2), "white", root, None, "whitened", records=recs[2:])
+    # a later writer whose own C0 is over another corpus sample: the memory keeps the statistics it named
+    other = Editor(smol.model, smol.tok, EditConfig.for_model("smollm2-135m", stats_tokens=2048), model_name="smollm2-135m")
+    commit_edits(other, computed.table.slice(2), "white", root, None, "whitened", records=recs[2:])
+    assert other._stats is None, "the named C0 is read from the store, not recomputed"
     monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "elsewhere"))
     with MemoryStore(root) as st:
         v1, v2 = st.info("white", 1), st.info("white", 2)

@@ -48,6 +48,9 @@ grid: {method: [cosine], T: [10]}
     (GOOD.replace("T: [10]", "T: [10], threshold: [-2]"), "grid.threshold.cosine"),  # a cosine is never below -1
     (GOOD.replace("method: [cosine]", "method: [margin]").replace("T: [10]", "T: [10], threshold: [1.0]"),
      "grid.threshold.margin"),  # the margin activation would divide by gelu(0)
+    (GOOD.replace("[counterfact_valid.json]", "[synthetic]").replace("method: [cosine]", "method: [cosine, cosine+cal]"),
+     "grid.method[1]"),  # scale cells measure a plain router
+    (GOOD.replace("[counterfact_valid.json]", "[synthetic]").replace("method: [cosine]", "method: [rome]"), "grid.method[0]"),
 ])
 def test_bad_campaign_yaml_names_the_field(tmp_path, text, field):
     with pytest.raises(CampaignSpecError) as exc:

@@ -732,6 +732,16 @@ def test_export_is_readable_by_pandas_and_duckdb_and_imports_back(store, name, t
     bare = tmp_path / "edits.parquet"  # as `kvedit edit run --out` writes it: a spec, no router config
     pq.write_table(rows(["y"]), bare)
     assert other.import_table("fresh", bare).n_rows == 1 and other.info("fresh").router == {"name": "cosine"}
+    # a router config naming artifacts of the exporting store: kept when this store has them, else dropped and said
+    store.put_artifact("stats", "fp-test-L3-c0", b"c0")
+    store.commit(name, router_patch={"robust_keys": {"artifact": "rk-1", "rank": 4}, "stats": "fp-test-L3-c0"})
+    refs = tmp_path / "refs.parquet"
+    store.export(name, refs)
+    v = other.import_table("refs", refs)
+    assert "robust_keys" not in other.info("refs").router and "stats" not in other.info("refs").router
+    assert "'rk-1'" in v.message and "'fp-test-L3-c0'" in v.message
+    other.put_artifact("stats", "fp-test-L3-c0", b"c0")
+    assert other.import_table("refs2", refs).version >= 1 and other.info("refs2").router["stats"] == "fp-test-L3-c0"
     no_res = tmp_path / "nores.parquet"  # bad rows into a new memory: an error naming the file, no empty memory left
     pq.write_table(rows(["y"]).drop_columns(["residual"]), no_res)
     with pytest.raises(InvalidRowsError, match=r"nores\.parquet.*residual"):
