@@ -48,11 +48,13 @@ def _edits(ed, reqs, edits_dir: str | None):
 
 def bench_calibration(model: str = "smollm2-135m", n_edits: int = 100, layer: int = 6,
                       routers: tuple[str, ...] = ("cosine", "whitened"), edits_dir: str | None = None,
-                      sweep: dict | None = None) -> dict:
+                      sweep: dict | None = None, rates: tuple[float, ...] = ()) -> dict:
     """Per router: metrics at each fixed threshold of `SWEEP` and at the calibrated thresholds.
 
     edits_dir: reuse edits written by `kvedit edit run counterfact_valid.json --limit N --out DIR`.
     sweep: fixed thresholds per router instead of `SWEEP` (e.g. only a sweep's best points, re-measured).
+    rates: further rate-bound calibrations (edit prompts as positives, placement 0), one per
+        `CalibrationConfig.target_rate`, reported under "rate_points".
     """
     from editing import Editor, load_records
     from editing.calibrate import CalibrationConfig, calibrate, fact_prompts
@@ -72,6 +74,8 @@ def bench_calibration(model: str = "smollm2-135m", n_edits: int = 100, layer: in
         prompts_only = calibrate(ed, mem, prompt_facts)
         at_rate = calibrate(ed, mem, prompt_facts, CalibrationConfig(placement=0.0))
         points = [("fixed", t) for t in (sweep or SWEEP)[name]]
+        at_rates = [calibrate(ed, mem, prompt_facts, CalibrationConfig(placement=0.0, target_rate=r)) for r in rates]
+        points += [(f"calibrated at rate {r:g}", c.threshold) for r, c in zip(rates, at_rates)]
         points += [("calibrated", with_paraphrases.threshold), ("calibrated, prompts only", prompts_only.threshold),
                    ("calibrated, prompts only, at the rate bound", at_rate.threshold)]
         rows = []
@@ -90,6 +94,9 @@ def bench_calibration(model: str = "smollm2-135m", n_edits: int = 100, layer: in
             "delta_at_rate_bound_vs_best_fixed": round(loose["average"] - best["average"], 4),
             "calibration": with_paraphrases.to_dict(), "calibration_prompts_only": prompts_only.to_dict(),
             "calibration_at_rate_bound": at_rate.to_dict(),
+            "rate_points": [{"target_rate": r, **p, "delta_vs_best_fixed": round(p["average"] - best["average"], 4),
+                             "calibration": c.to_dict()}
+                            for r, c, p in zip(rates, at_rates, rows[len(rows) - 3 - len(rates): len(rows) - 3])],
         }
     out["calibrated_matches_best_fixed"] = all(r["delta_vs_best_fixed"] >= 0 for r in out["routers"].values())
     out["seconds"] = round(time.perf_counter() - t0, 1)

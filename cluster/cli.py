@@ -97,7 +97,7 @@ def edit_run(
     limit: Optional[int] = typer.Option(None, min=1),
     offset: int = typer.Option(0, min=0),
     layer: Optional[int] = typer.Option(None),
-    threshold: Optional[float] = typer.Option(None, help="gate threshold (router default when omitted)"),
+    threshold: Optional[float] = typer.Option(None, help="a fixed gate threshold; omitted: a new memory is calibrated at every commit, an existing one keeps its gate"),
     device: str = typer.Option("cpu"),
     as_json: bool = typer.Option(False, "--json"),
 ):

@@ -21,14 +21,19 @@ import pyarrow.compute as pc
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-CALIBRATE_BY_DEFAULT = False  # see benchmarks/RESULTS.md, "Calibrated gates"
+# New memories are calibrated unless given a fixed threshold: at the false-gate-rate bound with 3e-3 of the
+# negatives allowed, which matches the best fixed threshold on counterfact_valid (benchmarks/RESULTS.md,
+# 2026-12-07 "Calibrated gates by default") and, unlike it, rises as the memory grows.
+CALIBRATE_BY_DEFAULT = True
+DEFAULT_CALIBRATION = {"target_rate": 3e-3, "placement": 0.0}  # `editing.calibrate.CalibrationConfig` fields
 
 
 def router_config(name: str, threshold: float | str | None) -> dict:
     """The router configuration a new memory is bound to.
 
-    threshold: a number (fixed), "auto" (calibrated at every commit), or None: calibrated when
-    `CALIBRATE_BY_DEFAULT`, else the router's default threshold.
+    threshold: a number (fixed), "auto" (calibrated at every commit with `DEFAULT_CALIBRATION`), or
+    None: calibrated when `CALIBRATE_BY_DEFAULT`, else the router's default threshold. The calibration
+    settings are written into the memory's config, so a later change of the defaults leaves it as it is.
     """
     from editing.routers import ROUTERS
 
@@ -36,7 +41,7 @@ def router_config(name: str, threshold: float | str | None) -> dict:
         raise ValueError(f"unknown router {name!r}; choose one of {', '.join(sorted(ROUTERS))}")
     default = ROUTERS[name].default_threshold
     if threshold == AUTO or (threshold is None and CALIBRATE_BY_DEFAULT):
-        return {"name": name, "threshold": default, "calibrate": True}
+        return {"name": name, "threshold": default, "calibrate": dict(DEFAULT_CALIBRATION)}
     if isinstance(threshold, str):
         raise ValueError(f"threshold must be a number or {AUTO!r}, not {threshold!r}")
     return {"name": name, "threshold": default if threshold is None else ROUTERS[name].check_threshold(threshold)}

@@ -218,7 +218,7 @@ def edit_submit(
     model: str = typer.Option(DEFAULT_MODEL, help="known name or local HF causal-LM folder"),
     router: str = typer.Option("cosine", help="cosine | whitened | margin"),
     layer: Optional[int] = typer.Option(None, help="edit layer (model default when omitted)"),
-    threshold: Optional[float] = typer.Option(None, help="gate threshold (router default when omitted)"),
+    threshold: Optional[float] = typer.Option(None, help="a fixed gate threshold; omitted: a new memory is calibrated at every commit, an existing one keeps its gate"),
     job_id: Optional[str] = typer.Option(None, "--job-id", help="idempotency key: resubmitting it never duplicates edits"),
     all_or_nothing: bool = typer.Option(False, "--all-or-nothing", help="one bad record fails the job; nothing committed"),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, min=1, help="records per actor call and per commit"),

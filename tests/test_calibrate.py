@@ -105,6 +105,21 @@ def test_commit_recalibrates_and_memory_show_reports_it(smol, edits, tmp_path):
     assert "false-gate rate (est.)" in res.output and "calibrated" in res.output
 
 
+def test_a_new_memory_is_calibrated_by_default_and_a_fixed_threshold_opts_out(smol, edits, tmp_path):
+    from cluster.commit import DEFAULT_CALIBRATION, commit_edits
+    from store import MemoryStore
+
+    recs, computed = edits
+    root = str(tmp_path / "store")
+    out = commit_edits(smol, computed.table, "default", root, None, "cosine", records=recs)
+    fixed = commit_edits(smol, computed.table, "fixed", root, None, "cosine", 0.5, records=recs)
+    with MemoryStore(root) as st:
+        cfg, fixed_cfg = st.info("default").router, st.info("fixed").router
+    assert cfg["calibrate"] == DEFAULT_CALIBRATION and cfg["threshold"] == out["threshold"]
+    assert cfg["calibration"]["target_rate"] == DEFAULT_CALIBRATION["target_rate"] and cfg["calibration"]["n_edits"] == len(recs)
+    assert fixed_cfg == {"name": "cosine", "threshold": 0.5} and fixed["threshold"] == 0.5
+
+
 def test_recalibration_gates_through_the_memory_s_robust_keys(smol, edits, tmp_path):
     """A calibrated memory with a REP adapter: every commit chooses its threshold on adapted queries, the
     ones replicas gate; the same commits without the adapter choose another threshold."""
@@ -152,7 +167,7 @@ def test_whitened_commit_puts_its_statistics_in_the_store(smol, edits, tmp_path,
         v1, v2 = st.info("white", 1), st.info("white", 2)
         router, threshold = make_memory_router(v2.router, v2.spec, st)
     assert v1.router["stats"] == v2.router["stats"] and v1.router["stats"].startswith(f"{smol.spec.model_fingerprint}-L{smol.layer}-")
-    assert threshold == first["threshold"]
+    assert threshold == v2.router["threshold"] and v1.router["threshold"] == first["threshold"]
     assert torch.equal(router.c0_inv, WhitenedRouter(smol.stats().mean).c0_inv)
 
 
