@@ -315,12 +315,13 @@ class Coordinator:
         after it) and merged in shard order.
         """
         from editing.stats import SecondMoment, corpus_chunks, corpus_half, corpus_hash, default_corpus_path
+        from store.artifacts import stats_key
         from workers.covariance import CovarianceBuilder
 
         jid = job_id or "-"
         chunks = corpus_chunks(self.tokenizer(model), corpus_half(default_corpus_path().read_text(), "first"),
                                max_tokens=max_tokens)
-        key = f"{fingerprint}-L{layer}-{corpus_hash(chunks)}"
+        key = stats_key(fingerprint, layer, corpus_hash(chunks))
         if use_cache:
             hit = self.store.get_artifact("stats", key)
             if hit is not None:
