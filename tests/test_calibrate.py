@@ -93,6 +93,8 @@ def test_commit_recalibrates_and_memory_show_reports_it(smol, edits, tmp_path):
         st.close()
     assert (first["version"], second["version"]) == (1, 2)
     assert v1["calibrate"] == CONFIG and v1["threshold"] == first["threshold"] and v2["threshold"] == second["threshold"]
+    for v in (v1, v2):  # the threshold written is the one calibration chose, not the memory's starting 0.65
+        assert v["threshold"] == v["calibration"]["threshold"] != 0.65
     assert (v1["calibration"]["n_edits"], v2["calibration"]["n_edits"]) == (2, 4)
     assert v2["calibration"]["false_gate_rate"] <= CONFIG["target_rate"]
 

@@ -221,6 +221,8 @@ def test_follower_stages_versions_until_the_step_boundary(tmp_path):
         fp.load()
         fp.start()
         s.commit("m", synthetic_rows(spec, ["d"], seed=2))
+        time.sleep(1.0)  # time enough for a follower (poll 0.2 s) to stage the new version
+        fp.step_boundary()
         assert fp._thread is None and fp.routed.version == 1 and sorted(fp.routed.slots) == ["a", "b"]
         fp.close()
 
@@ -451,6 +453,19 @@ def test_follower_fits_the_prefilter_when_deltas_grow_the_memory(tmp_path):
         live = torch.isfinite(routed.bias)
         assert torch.allclose(routed.low[live], routed.rows[live] @ basis, atol=1e-5)
         f.close()
+        again = resolve_memory(settings, ServedModel("fp-unit", 4, 96, 8))  # a replica (re)started at v
+        fresh = build_routed(again)
+        fresh.prefilter_min_rows = 48
+        g = MemoryFollower(again, fresh, poll_seconds=0.2)
+        g.load()
+        g.close()
+        assert fresh.version == v and fresh.has_basis
+        torch.testing.assert_close(fresh.basis @ fresh.basis.T, basis @ basis.T, atol=1e-4, rtol=0)  # same subspace
+        q = torch.randn(256, 96)
+        (best_a, score_a, _), (best_b, score_b, _) = fresh.route(q), routed.route(q)
+        id_a, id_b = ({slot: e for e, slot in m.slots.items()} for m in (fresh, routed))
+        assert [id_a[int(i)] for i in best_a] == [id_b[int(i)] for i in best_b], "the same routing decisions"
+        torch.testing.assert_close(score_a, score_b, atol=1e-5, rtol=0)
     finally:
         s.close()
         stop_embedded_redis(root)
@@ -786,6 +801,7 @@ def test_replica_started_while_redis_is_down_serves_and_catches_up(store, store_
         assert version == start_version and not follower.redis_connected
         v = store.commit(MEMORY, table.slice(0, 1), message="A again").version  # notified on another Redis
         wait_for_version(replica, v, timeout=5)  # found by polling the store
+        assert records[0].target_new in complete(replica, records[0].prompt)[0], "the polled version's row is served"
         proc = _redis_server(redis_dir)
         try:
             deadline = time.monotonic() + 20

@@ -514,11 +514,17 @@ def test_random_sigkills_never_expose_partial_versions(store, store_root, name, 
         head = store.info(name).version
         p = procs.Process(target=run_writer, args=(str(store_root), name, 20 + round_, 200, 50))
         p.start()
-        time.sleep(rng.uniform(0.3, 1.5))
+        deadline = time.monotonic() + 120
+        while store.info(name).version == head:  # killed mid-stream: after its first commit, at a random point
+            assert p.is_alive() and time.monotonic() < deadline, "the writer never committed"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.5))
+        assert p.is_alive(), "the writer finished before it was killed"
         os.kill(p.pid, signal.SIGKILL)
         p.join()
+        assert p.exitcode == -signal.SIGKILL
         hist = check_consistent(store, name)
-        assert hist[-1].version >= head
+        assert hist[-1].version > head
         assert store.commit(name, rows([f"probe-{round_}"])).version == hist[-1].version + 1
 
 
@@ -884,6 +890,8 @@ def test_delta_reload_equals_full_load(store, ops, data):
             assert mv.version == head + 1
             head = mv.version
             model[head] = current
+        else:  # no new version: the operation must not have changed any row (a lost write would hide here)
+            assert current == model[head], (op, "an operation that changes rows must create a version")
         assert _model_of(store.read(name)) == model[head]
     versions = sorted(model)
     snaps = {v: store.read(name, v) for v in versions}
