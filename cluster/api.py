@@ -74,6 +74,8 @@ class JobMetrics:
                                         buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8), registry=self.registry)
         self.actor_restarts = Counter("kvedit_actor_restarts", "Worker actors replaced after dying.", ["pool"],
                                       registry=self.registry)
+        self.robust_keys_retrains = Counter("kvedit_robust_keys_retrains", "REP adapters retrained after a job grew "
+                                            "their memory, by result (ok, failed).", ["result"], registry=self.registry)
         self._bound = False
 
     def bind(self, jobs: JobStore, queue: JobQueue) -> "JobMetrics":

@@ -152,8 +152,9 @@ def edit_run(
 @edit_app.command("robust-keys")
 def edit_robust_keys(
     memory: str = typer.Option(..., help="the store memory to train an adapter for"),
-    data: Optional[str] = typer.Option(None, help="records the memory's edits came from, with subject_rephrase "
-                                                  "(shared data name or path)"),
+    data: Optional[str] = typer.Option(None, help="records of (some of) the memory's edits, with subject_rephrase "
+                                                  "(shared data name or path); without it, retrain on the rephrasings "
+                                                  "stored with the memory's adapter"),
     model: str = typer.Option("smollm2-135m"),
     store: Optional[str] = typer.Option(None, help="store URI (default $KVEDIT_STORE or ~/.cache/kvedit/store)"),
     redis_url: Optional[str] = typer.Option(None, envvar="KVEDIT_REDIS_URL"),
@@ -161,6 +162,8 @@ def edit_robust_keys(
     offset: int = typer.Option(0, min=0),
     steps: int = typer.Option(300, min=1, help="training steps"),
     rank: Optional[int] = typer.Option(None, min=1, help="adapter rank (default: 64 per started 100 edits, at most the key size)"),
+    retrain_growth: float = typer.Option(0.25, min=0.0, help="the job coordinator retrains the adapter after a job "
+                                         "that leaves the memory this share more rows than it was trained on (0: never)"),
     remove: bool = typer.Option(False, "--remove", help="commit a version without the adapter instead"),
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json"),
@@ -169,7 +172,7 @@ def edit_robust_keys(
     (replicas following the memory route through it from that version on)."""
     _setup_logging()
     from cluster.commit import open_store
-    from cluster.robust import drop_robust_keys, train_robust_keys
+    from cluster.robust import drop_robust_keys, stored_rephrases, train_robust_keys
     from editing import Editor, EditRecordError, load_records
     from editing.data import data_file
     from editing.models import ModelNotFoundError
@@ -181,12 +184,14 @@ def edit_robust_keys(
             if remove:
                 emit(drop_robust_keys(st, memory), as_json)
                 return
-            if data is None:
-                fail("give --data with the records of the memory's edits (or --remove)")
-            records = load_records(data_file(data), limit=limit, offset=offset)
+            records = load_records(data_file(data), limit=limit, offset=offset) if data else []
             info = st.info(memory)
+            if not data and not stored_rephrases(st, info.router):
+                fail(f"memory {memory!r} has no stored rephrasings to retrain on; give --data with the records of "
+                     "its edits (or --remove)")
             editor = Editor.load(model, layer=info.spec.layer)
-            result = train_robust_keys(editor, st, memory, records, RobustKeyHparams(rank=rank, steps=steps), seed=seed)
+            result = train_robust_keys(editor, st, memory, records, RobustKeyHparams(rank=rank, steps=steps), seed=seed,
+                                       retrain_growth=retrain_growth or None)
     except (EditRecordError, FileNotFoundError, ModelNotFoundError, ValueError, StoreError) as exc:
         fail(str(exc))
     emit(result, as_json)

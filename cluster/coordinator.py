@@ -485,6 +485,7 @@ class _JobRun:
             raise _Handover()
         self.evaluate_leftovers()
         self.collect_evaluations(block=True)
+        self.retrain_robust_keys()
         return self.finish(*self.outcome())
 
     def validate(self) -> list[int]:
@@ -667,6 +668,39 @@ class _JobRun:
         except Exception as exc:  # noqa: BLE001 - the edits are still committed, with the previous threshold
             log.warning("job %s: calibration of %r failed, threshold unchanged: %s", self.job_id, self.spec.memory, exc)
             return None
+
+    def retrain_robust_keys(self) -> None:
+        """Retrain the memory's REP adapter on all its rows when this job grew the memory past the adapter's
+        `retrain_growth` (`cluster.robust.retrain_due`), on a value actor; the new adapter is committed as the
+        memory's next version. A failure is logged and leaves the adapter as it was (the edits stay committed)."""
+        import ray
+
+        from cluster.robust import retrain_due
+
+        if self.version is None or self.cancelled:
+            return
+        info = self.coord.store.info(self.spec.memory)
+        if not retrain_due(info.router, info.n_rows):
+            return
+        committed = [self.requests[i] for i, s in sorted(self.statuses.items())
+                     if s.get("status") == RecordState.COMMITTED and i in self.requests]
+        self.coord.jobs.update(self.job_id, stage="robust_keys")
+        self.event("robust_keys", 0, info.n_rows)
+        ref = self.coord.value_pool().next_slot().handle.robust_keys.remote(
+            self.coord.store.root, self.coord.config.redis_url, self.spec.memory, self.spec.model,
+            self.spec.editor_overrides(), committed)
+        try:
+            out = ray.get(ref, timeout=self.coord.config.actor_timeout)
+        except Exception as exc:  # noqa: BLE001 - the edits are committed; replicas keep routing through the old adapter
+            log.warning("job %s: retraining the robust keys of %r failed, adapter unchanged: %s", self.job_id,
+                        self.spec.memory, exc)
+            self.coord.metrics.robust_keys_retrains.labels("failed").inc()
+            return
+        self.coord.metrics.robust_keys_retrains.labels("ok").inc()
+        self.coord.jobs.update(self.job_id, robust_keys_version=out["version"])
+        log.info("job %s: robust keys of %r retrained on %d rows -> v%d", self.job_id, self.spec.memory, out["rows"],
+                 out["version"])
+        self.event("robust_keys", out["rows"], out["rows"])
 
     # ------------------------------------------------------------------ evaluation
 

@@ -251,6 +251,7 @@ class JobStatus:
     cancel_requested: bool = False
     owner: str | None = None
     stats_key: str | None = None
+    robust_keys_version: int | None = None  # the version whose REP adapter this job retrained (`cluster.robust`)
     created_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None

@@ -340,7 +340,7 @@ def demo(
         }
         labels = {"validate": "validating records", "load": "loading the model on the actors",
                   "statistics": "building statistics", "optimise": "optimising and committing",
-                  "evaluate": "optimising and evaluating"}
+                  "evaluate": "optimising and evaluating", "robust_keys": "retraining robust keys"}
 
         def on_event(e: JobEvent) -> None:
             if e.job_id not in (job_id, "-"):

@@ -83,8 +83,10 @@ def _info_table(info: MemoryInfo) -> Table:
         t.add_row("recall (est.)", f"{gate['recall']:.3f} ({gate.get('objective')})")
     rk = info.router.get("robust_keys")
     if isinstance(rk, dict) and "rows" in rk:  # rows committed since training route through an adapter that never saw them
+        growth = rk.get("retrain_growth")
+        auto = f"retrained by jobs at +{growth:.0%} rows" if growth else "retrained by hand only"
         t.add_row("robust keys", f"rank {rk.get('rank')}, trained on {rk['rows']} rows at v{rk.get('trained_on_version')}; "
-                  f"the memory now has {info.n_rows} (retrain: kvedit edit robust-keys)")
+                  f"the memory now has {info.n_rows} ({auto}; now: kvedit edit robust-keys --memory {info.name})")
     for k, v in sorted(info.metadata.items()):
         t.add_row(f"metadata.{k}", json.dumps(v) if not isinstance(v, str) else v)
     t.add_row("created", info.created_at.isoformat(timespec="seconds"))

@@ -131,7 +131,7 @@ def _cli(*args):
 # ---------------------------------------------------------------------------------------- tests
 
 
-def test_end_to_end_job_then_duplicate_submission(coord, env, raw_records):
+def test_end_to_end_job_then_duplicate_submission(coord, env, raw_records, smol):
     spec = _spec(raw_records[:4], "e2e", job_id="e2e-1")
     status, created = coord.jobs.submit(spec)
     assert created and status.state == JobState.QUEUED
@@ -145,7 +145,20 @@ def test_end_to_end_job_then_duplicate_submission(coord, env, raw_records):
     for r in st.records:
         assert r["status"] == RecordState.COMMITTED and r["steps"] >= 1 and r["loss"] > 0
         assert isinstance(r["efficacy"], bool)
-    assert st.n_evaluated == 4 and 0.0 <= st.efficacy <= 1.0
+    assert len(st.records) == 4 and st.n_evaluated == 4 and st.efficacy > 0, "the unedited model scores 0 on them"
+    # independently of the job's own evaluation: the committed rows change the model's answers
+    from editing.metrics import next_token_logits
+
+    info, table = coord.store.load("e2e")
+    prompts = [r["prompt"] for r in raw_records[:4]]
+    smol.detach()
+    base = next_token_logits(smol.model, smol.tok, prompts)
+    smol.attach(table, router=info.router["name"], threshold=info.router["threshold"])
+    try:
+        edited = next_token_logits(smol.model, smol.tok, prompts)
+    finally:
+        smol.detach()
+    assert all(not torch.equal(e, b) for e, b in zip(edited, base)), "every committed edit changes its prompt's logits"
     metrics = coord.metrics.render().decode()
     assert "kvedit_edits_committed_total 4.0" in metrics
     assert 'kvedit_jobs{state="succeeded"} 1.0' in metrics
@@ -225,6 +238,50 @@ def test_whitened_job_names_its_statistics_for_replicas(coord, raw_records, tmp_
 
     stored = SecondMoment.from_bytes(coord.store.get_artifact("stats", st.stats_key)[0])
     assert torch.equal(router.c0_inv, WhitenedRouter(stored.mean).c0_inv)
+
+
+def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records, smol):
+    """A memory's REP adapter keeps up with it: after a job that adds `retrain_growth` more rows than the adapter
+    saw, the coordinator retrains it on every row (stored rephrasings of the old rows plus the job's records) and
+    commits it; a job that adds fewer rows leaves it alone."""
+    from cluster.robust import REPHRASES_KIND, train_robust_keys
+    from editing import load_records
+    from editing.data import data_file
+    from editing.rep import ARTIFACT_KIND, RobustKeyHparams
+
+    records = load_records(data_file("counterfact_valid.json"), limit=7)
+    first = _spec(raw_records[:4], "rk", job_id="rk-1", threshold=0.5)
+    coord.jobs.submit(first)
+    _run(coord, first.job_id)
+    assert coord.jobs.get(first.job_id).robust_keys_version is None, "no adapter yet: nothing to retrain"
+    trained = train_robust_keys(smol, coord.store, "rk", records[:4], RobustKeyHparams(steps=5), retrain_growth=0.25)
+    assert (trained["rows"], trained["rephrased_rows"]) == (4, 4)
+    before = coord.store.info("rk").router["robust_keys"]
+
+    grow = _spec(raw_records[4:6], "rk", job_id="rk-2", threshold=0.5)  # 4 -> 6 rows: +50% >= 25%
+    coord.jobs.submit(grow)
+    _run(coord, grow.job_id)
+    st = coord.jobs.get(grow.job_id)
+    assert st.state == JobState.SUCCEEDED, st.error
+    info = coord.store.info("rk")
+    rk = info.router["robust_keys"]
+    assert st.robust_keys_version == info.version > st.version, "the adapter is committed after the job's rows"
+    assert rk["rows"] == info.n_rows == 6 and rk["trained_on_version"] == st.version
+    assert rk["artifact"] != before["artifact"] and rk["steps"] == 5 and rk["retrain_growth"] == 0.25
+    assert coord.store.get_artifact(ARTIFACT_KIND, rk["artifact"]) is not None
+    stored = json.loads(coord.store.get_artifact(REPHRASES_KIND, rk["rephrases"])[0])
+    ids = dict(zip(coord.store.load("rk")[1].column("prompt").to_pylist(),
+                   coord.store.load("rk")[1].column("edit_id").to_pylist()))
+    assert stored == {ids[r.prompt]: r.subject_rephrases for r in records[:6]}, \
+        "the old rows' stored rephrasings and the job's records' rephrasings"
+
+    small = _spec(raw_records[6:7], "rk", job_id="rk-3", threshold=0.5)  # 6 -> 7 rows: +17% < 25%
+    coord.jobs.submit(small)
+    _run(coord, small.job_id)
+    st = coord.jobs.get(small.job_id)
+    assert st.state == JobState.SUCCEEDED and st.robust_keys_version is None
+    assert coord.store.info("rk").router["robust_keys"] == rk and coord.store.info("rk").version == st.version
+    assert 'kvedit_robust_keys_retrains_total{result="ok"} 1.0' in coord.metrics.render().decode()
 
 
 def test_actor_killed_mid_batch_batch_is_retried(coord, raw_records):

@@ -61,3 +61,19 @@ class ValueOptimiser:
             return calibrated_router(ed, st, memory, ipc_to_table(table), requests, stats=stats)
         finally:
             st.close()
+
+    def robust_keys(self, store: str, redis_url: str | None, memory: str, model: str, overrides: dict | None,
+                    requests: list) -> dict:
+        """Retrain `memory`'s REP adapter on all its rows and commit it (`cluster.robust.train_robust_keys`);
+        `requests` are the records of rows added since (their subject rephrasings join the stored ones).
+        The adapter keeps its `retrain_growth`."""
+        from cluster.commit import open_store
+        from cluster.robust import train_robust_keys
+
+        ed = self.cache.editor(model, overrides)
+        st = open_store(store, redis_url)
+        try:
+            growth = (st.info(memory).router.get("robust_keys") or {}).get("retrain_growth")
+            return train_robust_keys(ed, st, memory, requests, retrain_growth=growth)
+        finally:
+            st.close()
