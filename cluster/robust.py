@@ -46,6 +46,10 @@ def match_records(table, records) -> tuple[list[int], list]:
 
 REPHRASES_KIND = "rephrases"  # store artifact: JSON {edit_id: [subject rephrasings]} an adapter was trained on
 RETRAIN_GROWTH = 0.25  # default: retrain after a job leaves the memory 25% more rows than the adapter saw
+# Jobs retrain automatically up to this many rows (config "retrain_max_rows" overrides): training computes 13 keys
+# per row and scores them against every row, about 10 minutes at 2,000 rows on 2 CPU cores; larger memories are
+# retrained by hand (`kvedit edit robust-keys`), where the wait is chosen, not imposed on a job.
+RETRAIN_MAX_ROWS = 2000
 
 
 def stored_rephrases(st, router: dict | None) -> dict[str, list[str]]:
@@ -56,12 +60,15 @@ def stored_rephrases(st, router: dict | None) -> dict[str, list[str]]:
 
 
 def retrain_due(router: dict | None, n_rows: int) -> bool:
-    """True when the memory's adapter retrains itself (`"retrain_growth"` in its config) and the memory now
-    holds that share more rows than the adapter was trained on. Rows are counted, not compared: rows
-    deleted and replaced by as many new ones do not trigger a retrain."""
+    """True when the memory's adapter retrains itself (`"retrain_growth"` in its config), the memory now
+    holds that share more rows than the adapter was trained on, and no more than `"retrain_max_rows"`
+    (default `RETRAIN_MAX_ROWS`). Rows are counted, not compared: rows deleted and replaced by as many new
+    ones do not trigger a retrain."""
     rk = (router or {}).get("robust_keys") or {}
     growth, trained = rk.get("retrain_growth"), rk.get("rows")
-    return bool(growth) and bool(trained) and n_rows - trained >= growth * trained
+    if not growth or not trained or n_rows > rk.get("retrain_max_rows", RETRAIN_MAX_ROWS):
+        return False
+    return n_rows - trained >= growth * trained
 
 
 def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 0, negative_text: str | None = None,
@@ -116,7 +123,8 @@ def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 
     st.put_artifact(ARTIFACT_KIND, key, adapter.to_bytes(),
                     {"memory": memory, "trained_on_version": info.version, "rows": len(ids), **adapter.config()})
     patch = {"artifact": key, **adapter.config(), "rows": len(ids), "trained_on_version": info.version,
-             "rephrases": rkey, "steps": hp.steps, "retrain_growth": retrain_growth}
+             "rephrases": rkey, "steps": hp.steps, "retrain_growth": retrain_growth,
+             "retrain_max_rows": (info.router.get("robust_keys") or {}).get("retrain_max_rows", RETRAIN_MAX_ROWS)}
     v = st.commit(memory, router_patch={"robust_keys": patch},
                   message=message or f"robust keys trained on {len(ids)} rows ({len(rephrases)} with rephrasings)")
     seconds = round(time.perf_counter() - t0, 2)

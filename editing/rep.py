@@ -97,6 +97,10 @@ class RobustKeyHparams:
     # Also train on each edit's own (bare) prompt, so the adapter cannot move it off its row: at T = 400 without
     # it 10% of own prompts fell under the gate (benchmarks/RESULTS.md, 2026-12-07); with it 1.5%, as unadapted.
     own_prompts: bool = True
+    # Positives and negatives per step, drawn at random when there are more (13 positives per edit with 10
+    # rephrasings: up to 630 edits train on the whole set each step, as before this option existed). Bounds the
+    # step's [batch, rows] score matrices when a large memory is (re)trained.
+    batch: int = 8192
 
     def rank_for(self, n_edits: int, d_key: int) -> int:
         """The adapter rank for `n_edits` edits: `rank` if set, else 64 per started 100 edits, at most d_key."""
@@ -183,17 +187,25 @@ def fit_robust_keys(ed, memory, reqs: list[EditRequest], stored_keys: torch.Tens
     def scores(q):  # [m, n] the router's selection scores, as RoutedFFN.route computes them
         return router.query_scale((q * q).sum(-1))[:, None] * (q @ rows.T)
 
+    draw = torch.Generator().manual_seed(seed)
+
+    def sample(n: int) -> torch.Tensor | None:  # a step's random subset of n items; None: all of them
+        return torch.randperm(n, generator=draw)[:hp.batch] if n > hp.batch else None
+
     for _ in range(hp.steps):
         opt.zero_grad()
-        sp = scores(adapter(pos_k))
-        own = sp.gather(1, pos_owner_t[:, None]).squeeze(1) * gains[pos_owner_t]
-        agg = F.cross_entropy(sp / hp.temperature, pos_owner_t) + F.relu(thr + hp.margin - own).mean()
+        pi, ni = sample(len(pos_k)), sample(len(neg_k))
+        pk, po = (pos_k, pos_owner_t) if pi is None else (pos_k[pi], pos_owner_t[pi])
+        nk = neg_k if ni is None else neg_k[ni]
+        sp = scores(adapter(pk))
+        own = sp.gather(1, po[:, None]).squeeze(1) * gains[po]
+        agg = F.cross_entropy(sp / hp.temperature, po) + F.relu(thr + hp.margin - own).mean()
         cons = ((adapter(mu) - mu).pow(2).sum(-1) / mu.pow(2).sum(-1)).mean()
-        sn = scores(adapter(neg_k))
+        sn = scores(adapter(nk))
         neg_best, j = sn.max(-1)
         neg = F.relu(neg_best * gains[j] - (thr - hp.margin)).mean()
-        gate = F.binary_cross_entropy(adapter.gate(pos_k), torch.ones(len(pos_k))) + \
-            F.binary_cross_entropy(adapter.gate(neg_k), torch.zeros(len(neg_k)))
+        gate = F.binary_cross_entropy(adapter.gate(pk), torch.ones(len(pk))) + \
+            F.binary_cross_entropy(adapter.gate(nk), torch.zeros(len(nk)))
         loss = agg + 10 * cons + neg + 0.1 * gate
         loss.backward()
         opt.step()

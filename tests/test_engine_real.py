@@ -210,6 +210,12 @@ def test_robust_keys_reroute_rephrased_subjects_and_leave_the_rest(smol, ten_edi
     assert torch.equal(best, torch.arange(10)) and bool((w > 0).all()), "stored keys still select themselves"
     assert after >= before + 0.2, f"in-domain rephrasings routed to their edit: {before:.2f} -> {after:.2f}"
     assert after_neg <= before_neg + 0.01, f"WikiText false gates {before_neg:.4f} -> {after_neg:.4f}"
+    # trained on random minibatches (how a large memory is trained): the same effect
+    mem.query_adapter = fit_robust_keys(smol, mem, recs, edits.keys, first[:60_000],
+                                        hp=RobustKeyHparams(steps=200, negatives=1024, batch=32))
+    mini, mini_neg = routed_to_own(q), float((mem.route(neg)[2] > 0).float().mean())
+    assert mini >= before + 0.2 and mini_neg <= before_neg + 0.01, (before, mini, before_neg, mini_neg)
+    mem.query_adapter = adapter
 
     probe = [r.prompt for r in recs]
     smol.detach()

@@ -244,7 +244,7 @@ def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records
     """A memory's REP adapter keeps up with it: after a job that adds `retrain_growth` more rows than the adapter
     saw, the coordinator retrains it on every row (stored rephrasings of the old rows plus the job's records) and
     commits it; a job that adds fewer rows leaves it alone."""
-    from cluster.robust import REPHRASES_KIND, train_robust_keys
+    from cluster.robust import REPHRASES_KIND, RETRAIN_MAX_ROWS, train_robust_keys
     from editing import load_records
     from editing.data import data_file
     from editing.rep import ARTIFACT_KIND, RobustKeyHparams
@@ -268,6 +268,7 @@ def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records
     assert st.robust_keys_version == info.version > st.version, "the adapter is committed after the job's rows"
     assert rk["rows"] == info.n_rows == 6 and rk["trained_on_version"] == st.version
     assert rk["artifact"] != before["artifact"] and rk["steps"] == 5 and rk["retrain_growth"] == 0.25
+    assert rk["retrain_max_rows"] == RETRAIN_MAX_ROWS
     assert coord.store.get_artifact(ARTIFACT_KIND, rk["artifact"]) is not None
     stored = json.loads(coord.store.get_artifact(REPHRASES_KIND, rk["rephrases"])[0])
     ids = dict(zip(coord.store.load("rk")[1].column("prompt").to_pylist(),
@@ -282,6 +283,18 @@ def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records
     assert st.state == JobState.SUCCEEDED and st.robust_keys_version is None
     assert coord.store.info("rk").router["robust_keys"] == rk and coord.store.info("rk").version == st.version
     assert 'kvedit_robust_keys_retrains_total{result="ok"} 1.0' in coord.metrics.render().decode()
+
+
+def test_retrain_is_due_on_growth_up_to_the_row_cap():
+    from cluster.robust import RETRAIN_MAX_ROWS, retrain_due
+
+    rk = {"robust_keys": {"rows": 100, "retrain_growth": 0.25}}
+    assert not retrain_due(rk, 124) and retrain_due(rk, 125)
+    assert not retrain_due({"robust_keys": {"rows": 100, "retrain_growth": None}}, 1000), "retrained by hand only"
+    assert not retrain_due({}, 1000) and not retrain_due(None, 5)
+    assert retrain_due(rk, RETRAIN_MAX_ROWS) and not retrain_due(rk, RETRAIN_MAX_ROWS + 1)
+    capped = {"robust_keys": {**rk["robust_keys"], "retrain_max_rows": 130}}
+    assert retrain_due(capped, 130) and not retrain_due(capped, 131)
 
 
 def test_actor_killed_mid_batch_batch_is_retried(coord, raw_records):
