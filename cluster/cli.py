@@ -172,12 +172,13 @@ def edit_robust_keys(
     (replicas following the memory route through it from that version on)."""
     _setup_logging()
     from cluster.commit import open_store
-    from cluster.robust import drop_robust_keys, stored_rephrases, train_robust_keys
+    from cluster.robust import drop_robust_keys, train_robust_keys
     from editing import Editor, EditRecordError, load_records
     from editing.data import data_file
     from editing.models import ModelNotFoundError
     from editing.rep import RobustKeyHparams
     from store import StoreError
+    from store.artifacts import read_rephrases
 
     try:
         with open_store(store, redis_url) as st:
@@ -186,7 +187,7 @@ def edit_robust_keys(
                 return
             records = load_records(data_file(data), limit=limit, offset=offset) if data else []
             info = st.info(memory)
-            if not data and not stored_rephrases(st, info.router):
+            if not data and not read_rephrases(st, info.router, f"memory {memory!r} v{info.version}"):
                 fail(f"memory {memory!r} has no stored rephrasings to retrain on; give --data with the records of "
                      "its edits (or --remove)")
             editor = Editor.load(model, layer=info.spec.layer)

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from store.artifacts import REPHRASES_KIND, read_rephrases
+
 log = logging.getLogger(__name__)
 
 
@@ -44,19 +46,11 @@ def match_records(table, records) -> tuple[list[int], list]:
     return rows, reqs
 
 
-REPHRASES_KIND = "rephrases"  # store artifact: JSON {edit_id: [subject rephrasings]} an adapter was trained on
 RETRAIN_GROWTH = 0.25  # default: retrain after a job leaves the memory 25% more rows than the adapter saw
 # Jobs retrain automatically up to this many rows (config "retrain_max_rows" overrides): training computes 13 keys
 # per row and scores them against every row, about 10 minutes at 2,000 rows on 2 CPU cores; larger memories are
 # retrained by hand (`kvedit edit robust-keys`), where the wait is chosen, not imposed on a job.
 RETRAIN_MAX_ROWS = 2000
-
-
-def stored_rephrases(st, router: dict | None) -> dict[str, list[str]]:
-    """{edit_id: subject rephrasings} the memory's current adapter was trained on ({} when none is stored)."""
-    key = ((router or {}).get("robust_keys") or {}).get("rephrases")
-    found = st.get_artifact(REPHRASES_KIND, key) if key else None
-    return json.loads(found[0]) if found else {}
 
 
 def retrain_due(router: dict | None, n_rows: int) -> bool:
@@ -98,7 +92,7 @@ def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 
     if not table.num_rows:
         raise ValueError(f"memory {memory!r} v{info.version} has no rows to train robust keys on")
     ids, keys, residuals = table_tensors(table, editor.spec)
-    rephrases = stored_rephrases(st, info.router)
+    rephrases = read_rephrases(st, info.router, f"memory {memory!r} v{info.version}")
     rows, reqs = match_records(table, records)
     for i, r in zip(rows, reqs):
         if r.subject_rephrases:

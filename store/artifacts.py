@@ -124,6 +124,28 @@ def read_second_moment(store, fingerprint: str, layer: int, key: str | None = No
     return SecondMoment.load(local[-1]) if local else None
 
 
+REPHRASES_KIND = "rephrases"  # JSON {edit_id: [subject rephrasings]} a REP adapter was trained on (`cluster.robust`)
+
+
+def read_rephrases(store, router: dict | None, where: str) -> dict[str, list[str]]:
+    """{edit_id: subject rephrasings} stored with the adapter a memory version's router config names
+    (`robust_keys.rephrases`); {} when it names none. A named artifact that is missing or unreadable is
+    `CorruptMemoryError`: retraining without it would silently forget the old rows' rephrasings."""
+    key = ((router or {}).get("robust_keys") or {}).get("rephrases")
+    if not key:
+        return {}
+    found = store.get_artifact(REPHRASES_KIND, key)
+    if found is None:
+        raise CorruptMemoryError(f"{where}: rephrasings artifact {key!r} is not in the store")
+    try:
+        out = json.loads(found[0])
+        if not isinstance(out, dict) or not all(isinstance(v, list) for v in out.values()):
+            raise ValueError("not a JSON object of lists")
+    except ValueError as exc:
+        raise CorruptMemoryError(f"{where}: rephrasings artifact {key!r} cannot be read: {exc}") from exc
+    return out
+
+
 def read_robust_keys(store, router: dict | None, d_key: int, where: str):
     """The REP adapter (`editing.rep.RobustKeys`, on CPU) a memory version's router config names, or None.
 

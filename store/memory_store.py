@@ -763,7 +763,7 @@ class MemoryStore:
         and a description of each one dropped."""
         from editing.rep import ARTIFACT_KIND
 
-        from .artifacts import STATS_KIND
+        from .artifacts import REPHRASES_KIND, STATS_KIND
 
         config, dropped = dict(router), []
         rk = config.get("robust_keys")
@@ -771,6 +771,9 @@ class MemoryStore:
         if rk and (not key or self.find_artifact(ARTIFACT_KIND, key) != key):
             dropped.append(f"robust-keys artifact {key!r}")
             config.pop("robust_keys")
+        elif rk and rk.get("rephrases") and self.find_artifact(REPHRASES_KIND, rk["rephrases"]) != rk["rephrases"]:
+            dropped.append(f"rephrasings artifact {rk['rephrases']!r} (the adapter is kept; retrain it with --data)")
+            config["robust_keys"] = {k: v for k, v in rk.items() if k != "rephrases"}
         if config.get("stats") and self.find_artifact(STATS_KIND, config["stats"]) != config["stats"]:
             dropped.append(f"C0 statistics artifact {config.pop('stats')!r}")
         return config, dropped

@@ -235,7 +235,7 @@ def test_robust_keys_are_committed_with_the_memory_and_served_from_it(smol, ten_
     from typer.testing import CliRunner
 
     from cluster.cli import app
-    from cluster.robust import REPHRASES_KIND
+    from store.artifacts import REPHRASES_KIND
     from editing.keys import compute_keys
     from editing.rep import ARTIFACT_KIND, RobustKeys, variant_requests
     from serving.memory import MemoryFollower, ServedModel, build_routed, resolve_memory

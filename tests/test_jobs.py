@@ -244,7 +244,8 @@ def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records
     """A memory's REP adapter keeps up with it: after a job that adds `retrain_growth` more rows than the adapter
     saw, the coordinator retrains it on every row (stored rephrasings of the old rows plus the job's records) and
     commits it; a job that adds fewer rows leaves it alone."""
-    from cluster.robust import REPHRASES_KIND, RETRAIN_MAX_ROWS, train_robust_keys
+    from cluster.robust import RETRAIN_MAX_ROWS, train_robust_keys
+    from store.artifacts import REPHRASES_KIND
     from editing import load_records
     from editing.data import data_file
     from editing.rep import ARTIFACT_KIND, RobustKeyHparams

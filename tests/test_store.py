@@ -748,6 +748,18 @@ def test_export_is_readable_by_pandas_and_duckdb_and_imports_back(store, name, t
     assert "'rk-1'" in v.message and "'fp-test-L3-c0'" in v.message
     other.put_artifact("stats", "fp-test-L3-c0", b"c0")
     assert other.import_table("refs2", refs).version >= 1 and other.info("refs2").router["stats"] == "fp-test-L3-c0"
+    # an adapter this store has, whose stored rephrasings it lacks: the adapter stays, the rephrasings ref goes
+    from store.artifacts import read_rephrases
+
+    store.commit(name, router_patch={"robust_keys": {"artifact": "rk-1", "rank": 4, "rephrases": "rp-1"}})
+    store.export(name, refs)
+    other.put_artifact("robust_keys", "rk-1", b"weights")
+    v = other.import_table("refs3", refs)
+    assert other.info("refs3").router["robust_keys"] == {"artifact": "rk-1", "rank": 4} and "'rp-1'" in v.message
+    with pytest.raises(CorruptMemoryError, match="rephrasings artifact 'rp-1' is not in the store"):
+        read_rephrases(store, store.info(name).router, name)  # named and missing: an error, never a silent {}
+    store.put_artifact("rephrases", "rp-1", b'{"a0": ["A zero"]}')
+    assert read_rephrases(store, store.info(name).router, name) == {"a0": ["A zero"]}
     no_res = tmp_path / "nores.parquet"  # bad rows into a new memory: an error naming the file, no empty memory left
     pq.write_table(rows(["y"]).drop_columns(["residual"]), no_res)
     with pytest.raises(InvalidRowsError, match=r"nores\.parquet.*residual"):
