@@ -160,10 +160,12 @@ def edit_robust_keys(
     redis_url: Optional[str] = typer.Option(None, envvar="KVEDIT_REDIS_URL"),
     limit: Optional[int] = typer.Option(None, min=1),
     offset: int = typer.Option(0, min=0),
-    steps: int = typer.Option(300, min=1, help="training steps"),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps (default: as the memory's adapter was "
+                                                          "trained, else 300)"),
     rank: Optional[int] = typer.Option(None, min=1, help="adapter rank (default: 64 per started 100 edits, at most the key size)"),
-    retrain_growth: float = typer.Option(0.25, min=0.0, help="the job coordinator retrains the adapter after a job "
-                                         "that leaves the memory this share more rows than it was trained on (0: never)"),
+    retrain_growth: Optional[float] = typer.Option(None, min=0.0, help="the job coordinator retrains the adapter after "
+                                                   "a job that leaves the memory this share more rows than it was "
+                                                   "trained on (0: never; default: the memory's setting, else 0.25)"),
     remove: bool = typer.Option(False, "--remove", help="commit a version without the adapter instead"),
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json"),
@@ -172,7 +174,7 @@ def edit_robust_keys(
     (replicas following the memory route through it from that version on)."""
     _setup_logging()
     from cluster.commit import open_store
-    from cluster.robust import drop_robust_keys, train_robust_keys
+    from cluster.robust import KEEP, drop_robust_keys, train_robust_keys
     from editing import Editor, EditRecordError, load_records
     from editing.data import data_file
     from editing.models import ModelNotFoundError
@@ -191,8 +193,10 @@ def edit_robust_keys(
                 fail(f"memory {memory!r} has no stored rephrasings to retrain on; give --data with the records of "
                      "its edits (or --remove)")
             editor = Editor.load(model, layer=info.spec.layer)
-            result = train_robust_keys(editor, st, memory, records, RobustKeyHparams(rank=rank, steps=steps), seed=seed,
-                                       retrain_growth=retrain_growth or None)
+            trained = (info.router.get("robust_keys") or {}).get("steps", RobustKeyHparams.steps)
+            hp = None if rank is None and steps is None else RobustKeyHparams(rank=rank, steps=steps or trained)
+            result = train_robust_keys(editor, st, memory, records, hp, seed=seed,
+                                       retrain_growth=KEEP if retrain_growth is None else retrain_growth or None)
     except (EditRecordError, FileNotFoundError, ModelNotFoundError, ValueError, StoreError) as exc:
         fail(str(exc))
     emit(result, as_json)

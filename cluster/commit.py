@@ -85,7 +85,8 @@ def ensure_memory(st, memory: str, spec, router: str, threshold: float | str | N
     return have
 
 
-def calibrated_router(editor, st, memory: str, table: pa.Table, requests: dict | None = None, stats=None) -> dict | None:
+def calibrated_router(editor, st, memory: str, table: pa.Table, requests: dict | None = None, stats=None,
+                      adapter=None) -> dict | None:
     """The router-config patch (`threshold`, `calibration`: `MemoryStore.commit(router_patch=...)`) for the
     version committing `table` into `memory`; None unless it is calibrated. The threshold is chosen on the
     rows read here; rows another writer commits meanwhile are covered by the next calibrated commit.
@@ -93,7 +94,8 @@ def calibrated_router(editor, st, memory: str, table: pa.Table, requests: dict |
     editor: an `Editor` of the memory's model and layer. requests: edit_id -> `EditRequest` of the
     new rows (their paraphrases become positives too). stats: C0 for the whitened router
     (default: the one the memory names, else `editor.stats()`). Queries pass through the memory's REP
-    adapter when it has one, as they do when served. Rows already in the memory are kept as they are (skip_existing).
+    adapter when it has one, as they do when served (`adapter`: a `RobustKeys` to gate through instead, the one
+    a retrain is about to commit). Rows already in the memory are kept as they are (skip_existing).
     """
     from editing.calibrate import CalibrationConfig, calibrate, fact_prompts
     from editing.table import table_tensors
@@ -108,7 +110,8 @@ def calibrated_router(editor, st, memory: str, table: pa.Table, requests: dict |
     routed = editor.new_memory(router=name, stats=stats if stats is not None else memory_stats(st, editor.spec, info.router))
     ids, keys, residuals = table_tensors(rows, editor.spec)
     routed.add(ids, keys, residuals)
-    adapter = read_robust_keys(st, info.router, editor.spec.d_key, f"memory {memory!r} v{info.version}")
+    if adapter is None:
+        adapter = read_robust_keys(st, info.router, editor.spec.d_key, f"memory {memory!r} v{info.version}")
     routed.query_adapter = None if adapter is None else adapter.to(routed.rows.device)  # gate what replicas gate
     facts = list(zip(ids, rows.column("subject").to_pylist(), rows.column("prompt").to_pylist()))
     requests = requests or {}

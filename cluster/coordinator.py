@@ -672,31 +672,52 @@ class _JobRun:
     def retrain_robust_keys(self) -> None:
         """Retrain the memory's REP adapter on all its rows when this job grew the memory past the adapter's
         `retrain_growth` (`cluster.robust.retrain_due`), on a value actor; the new adapter is committed as the
-        memory's next version. A failure is logged and leaves the adapter as it was (the edits stay committed)."""
+        memory's next version. Best effort: a failure, a timeout (`actor_timeout`) or a stop of the coordinator
+        leaves the adapter as it was (a retrain still running is killed with its actor, so it cannot commit
+        later) and the job finishes with its edits committed; the next job finds the retrain still due."""
         import ray
 
-        from cluster.robust import retrain_due
+        from cluster.robust import records_of_rows, retrain_due
+        from store.artifacts import read_rephrases
 
         if self.version is None or self.cancelled:
             return
         info = self.coord.store.info(self.spec.memory)
         if not retrain_due(info.router, info.n_rows):
             return
-        committed = [self.requests[i] for i, s in sorted(self.statuses.items())
-                     if s.get("status") == RecordState.COMMITTED and i in self.requests]
         self.coord.jobs.update(self.job_id, stage="robust_keys")
         self.event("robust_keys", 0, info.n_rows)
-        ref = self.coord.value_pool().next_slot().handle.robust_keys.remote(
-            self.coord.store.root, self.coord.config.redis_url, self.spec.memory, self.spec.model,
-            self.spec.editor_overrides(), committed)
+        pool, metric = self.coord.value_pool(), self.coord.metrics.robust_keys_retrains
+        try:  # the records of rows whose rephrasings were never stored: this job's, and earlier jobs' that did not retrain
+            _, table = self.coord.store.load(self.spec.memory)
+            known = read_rephrases(self.coord.store, info.router, f"memory {self.spec.memory!r} v{info.version}")
+            records = records_of_rows(self.coord.jobs, table, set(known))
+        except Exception as exc:  # noqa: BLE001 - best effort, as below
+            log.warning("job %s: cannot retrain the robust keys of %r: %s", self.job_id, self.spec.memory, exc)
+            metric.labels("failed").inc()
+            return
+        slot = pool.next_slot()
+        ref = slot.handle.robust_keys.remote(self.coord.store.root, self.coord.config.redis_url, self.spec.memory,
+                                             self.spec.model, self.spec.editor_overrides(), records)
+        deadline = time.monotonic() + self.coord.config.actor_timeout
+        while not ray.wait([ref], timeout=self.coord.config.poll_seconds)[0]:
+            self.beat()
+            stop = "the coordinator is stopping" if self.coord.stop_event.is_set() else \
+                "it ran past actor_timeout" if time.monotonic() > deadline else None
+            if stop:
+                pool.replace(slot)
+                log.warning("job %s: robust-keys retrain of %r abandoned (%s); adapter unchanged", self.job_id,
+                            self.spec.memory, stop)
+                metric.labels("failed").inc()
+                return
         try:
-            out = ray.get(ref, timeout=self.coord.config.actor_timeout)
+            out = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - the edits are committed; replicas keep routing through the old adapter
             log.warning("job %s: retraining the robust keys of %r failed, adapter unchanged: %s", self.job_id,
                         self.spec.memory, exc)
-            self.coord.metrics.robust_keys_retrains.labels("failed").inc()
+            metric.labels("failed").inc()
             return
-        self.coord.metrics.robust_keys_retrains.labels("ok").inc()
+        metric.labels("ok").inc()
         self.coord.jobs.update(self.job_id, robust_keys_version=out["version"])
         log.info("job %s: robust keys of %r retrained on %d rows -> v%d", self.job_id, self.spec.memory, out["rows"],
                  out["version"])

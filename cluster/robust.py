@@ -25,19 +25,22 @@ log = logging.getLogger(__name__)
 
 
 def match_records(table, records) -> tuple[list[int], list]:
-    """Pair memory rows with the records they were edited from, by (prompt, subject).
+    """Pair memory rows with the records they were edited from: by (prompt, subject, target_new), else by
+    (prompt, subject) with the newest such row.
 
-    Returns (row indices, records) for the rows that have a record; a record matching no row is
-    an error naming it (its edit is not in the memory).
+    Returns (row indices, records); a record matching no row is an error naming it (its edit is not in the
+    memory).
     """
     from editing.records import EditRecordError
 
-    where = {}
-    for i, (p, s) in enumerate(zip(table.column("prompt").to_pylist(), table.column("subject").to_pylist())):
-        where.setdefault((p, s), i)
+    cols = [table.column(c).to_pylist() for c in ("prompt", "subject", "target_new")]
+    exact, loose = {}, {}
+    for i, (p, s, t) in enumerate(zip(*cols)):
+        exact.setdefault((p, s, t), i)
+        loose[(p, s)] = i
     rows, reqs = [], []
     for n, r in enumerate(records):
-        i = where.get((r.prompt, r.subject))
+        i = exact.get((r.prompt, r.subject, r.target_new), loose.get((r.prompt, r.subject)))
         if i is None:
             raise EditRecordError(n, "prompt", f"({r.prompt!r}, subject {r.subject!r}) has no row in the memory",
                                   case_id=getattr(r, "case_id", None))
@@ -47,10 +50,12 @@ def match_records(table, records) -> tuple[list[int], list]:
 
 
 RETRAIN_GROWTH = 0.25  # default: retrain after a job leaves the memory 25% more rows than the adapter saw
-# Jobs retrain automatically up to this many rows (config "retrain_max_rows" overrides): training computes 13 keys
-# per row and scores them against every row, about 10 minutes at 2,000 rows on 2 CPU cores; larger memories are
-# retrained by hand (`kvedit edit robust-keys`), where the wait is chosen, not imposed on a job.
-RETRAIN_MAX_ROWS = 2000
+# Jobs retrain automatically up to this many rows (config "retrain_max_rows" overrides); larger memories are
+# retrained by hand (`kvedit edit robust-keys`), where the wait is chosen, not imposed on a job. Training time
+# grows with the rows (13 keys per row, a step scores up to `RobustKeyHparams.batch` of them against every row):
+# see benchmarks/RESULTS.md (2026-12-07, "REP retraining time").
+RETRAIN_MAX_ROWS = 1000
+KEEP = "keep"  # `train_robust_keys(retrain_growth=KEEP)`: the memory's current setting (a new adapter: the default)
 
 
 def retrain_due(router: dict | None, n_rows: int) -> bool:
@@ -66,41 +71,50 @@ def retrain_due(router: dict | None, n_rows: int) -> bool:
 
 
 def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 0, negative_text: str | None = None,
-                      message: str = "", retrain_growth: float | None = RETRAIN_GROWTH) -> dict:
+                      message: str = "", retrain_growth: float | None | str = KEEP,
+                      records_by_id: dict | None = None) -> dict:
     """Fit an adapter on every row of `memory` and commit it (artifacts + router config).
 
-    records: `EditRequest`s of (some of) the memory's rows; their `subject_rephrases` join those the previous
-    adapter was trained on (stored with it as a `REPHRASES_KIND` artifact), so a retrain needs only the new
-    rows' records. Every row trains on its own prompt, a shuffled subject and a long unrelated prefix; rows
-    with rephrasings on those too. A record matching no row is an error naming it.
-    retrain_growth: written into the config (None: retrain only by hand); see `retrain_due`.
-    Returns {"memory", "version", "artifact", "rows", "rephrased_rows", "seconds"}. Nothing is committed when
-    training fails; a memory changed by another writer meanwhile gets the adapter on its newer version (the
-    adapter only rewrites queries, rows added since are routed as before).
+    records: `EditRequest`s of (some of) the memory's rows, paired by `match_records` (a record matching no
+    row is an error naming it); records_by_id: {edit_id: EditRequest} (ids no longer in the memory are
+    skipped). Their `subject_rephrases` join those the previous adapter was trained on (stored with it as a
+    `REPHRASES_KIND` artifact), so a retrain needs only the new rows' records. Every row trains on its own
+    prompt, a shuffled subject and a long unrelated prefix; rows with rephrasings on those too.
+    hp: `RobustKeyHparams` (None: the steps the memory's adapter was trained with).
+    retrain_growth: written into the config (None: retrain only by hand; `KEEP`: as it is); see `retrain_due`.
+    A calibrated memory gets its threshold re-chosen through the new adapter in the same version.
+    The commit is conditional on the memory's adapter entry being the one read here: a removal or another
+    retrain meanwhile wins (`CommitConflictError`, nothing committed). Rows added meanwhile are kept and
+    count as growth. Returns {"memory", "version", "artifact", "rows", "rephrased_rows", "threshold", "seconds"}.
     """
-    from cluster.commit import memory_stats
+    from cluster.commit import calibrated_router, memory_stats
     from editing.records import EditRequest
     from editing.rep import ARTIFACT_KIND, RobustKeyHparams, fit_robust_keys
     from editing.stats import corpus_half, default_corpus_path
     from editing.table import table_tensors
 
-    if retrain_growth is not None and not retrain_growth > 0:
-        raise ValueError(f"retrain_growth must be > 0 (or None: retrain by hand), not {retrain_growth!r}")
     t0 = time.perf_counter()
     info, table = st.load(memory, spec=editor.spec)
-    hp = hp or RobustKeyHparams(steps=(info.router.get("robust_keys") or {}).get("steps", RobustKeyHparams.steps))
+    where = f"memory {memory!r} v{info.version}"
+    current = info.router.get("robust_keys") or None
+    if retrain_growth == KEEP:
+        retrain_growth = current.get("retrain_growth") if current else RETRAIN_GROWTH
+    if retrain_growth is not None and not retrain_growth > 0:
+        raise ValueError(f"retrain_growth must be > 0 (or None: retrain by hand), not {retrain_growth!r}")
+    hp = hp or RobustKeyHparams(steps=(current or {}).get("steps", RobustKeyHparams.steps))
     if not table.num_rows:
-        raise ValueError(f"memory {memory!r} v{info.version} has no rows to train robust keys on")
+        raise ValueError(f"{where} has no rows to train robust keys on")
     ids, keys, residuals = table_tensors(table, editor.spec)
-    rephrases = read_rephrases(st, info.router, f"memory {memory!r} v{info.version}")
+    rephrases = read_rephrases(st, info.router, where)
     rows, reqs = match_records(table, records)
-    for i, r in zip(rows, reqs):
-        if r.subject_rephrases:
-            rephrases[ids[i]] = list(r.subject_rephrases)
+    given = {ids[i]: r for i, r in zip(rows, reqs)}
+    live = set(ids)
+    given.update({e: r for e, r in (records_by_id or {}).items() if e in live})
+    rephrases.update({e: list(r.subject_rephrases) for e, r in given.items() if r.subject_rephrases})
     rephrases = {e: rephrases[e] for e in ids if e in rephrases}  # deleted rows drop out
     if not rephrases:
-        raise ValueError(f"memory {memory!r} v{info.version}: robust keys train on subject rephrasings, and none of "
-                         "its rows has any (give records with `subject_rephrase`)")
+        raise ValueError(f"{where}: robust keys train on subject rephrasings, and none of its rows has any "
+                         "(give records with `subject_rephrase`)")
     col = {c: table.column(c).to_pylist() for c in ("subject", "prompt", "target_new", "target_true")}
     train = [EditRequest(subject=col["subject"][i], prompt=col["prompt"][i], target_new=col["target_new"][i],
                          target_true=col["target_true"][i] or "", subject_rephrases=rephrases.get(e, []))
@@ -116,16 +130,45 @@ def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 
     st.put_artifact(REPHRASES_KIND, rkey, blob, {"memory": memory, "rows": len(rephrases)})
     st.put_artifact(ARTIFACT_KIND, key, adapter.to_bytes(),
                     {"memory": memory, "trained_on_version": info.version, "rows": len(ids), **adapter.config()})
-    patch = {"artifact": key, **adapter.config(), "rows": len(ids), "trained_on_version": info.version,
-             "rephrases": rkey, "steps": hp.steps, "retrain_growth": retrain_growth,
-             "retrain_max_rows": (info.router.get("robust_keys") or {}).get("retrain_max_rows", RETRAIN_MAX_ROWS)}
-    v = st.commit(memory, router_patch={"robust_keys": patch},
+    patch = {"robust_keys": {"artifact": key, **adapter.config(), "rows": len(ids), "trained_on_version": info.version,
+                             "rephrases": rkey, "steps": hp.steps, "retrain_growth": retrain_growth,
+                             "retrain_max_rows": (current or {}).get("retrain_max_rows", RETRAIN_MAX_ROWS)}}
+    patch.update(calibrated_router(editor, st, memory, table.slice(0, 0), adapter=adapter) or {})
+    v = st.commit(memory, router_patch=patch, router_expect={"robust_keys": current},
                   message=message or f"robust keys trained on {len(ids)} rows ({len(rephrases)} with rephrasings)")
     seconds = round(time.perf_counter() - t0, 2)
     log.info("memory %r v%d: robust keys %s (%d rows, %d rephrased, %.1fs)", memory, v.version, key, len(ids),
              len(rephrases), seconds)
     return {"memory": memory, "version": v.version, "artifact": key, "rows": len(ids),
-            "rephrased_rows": len(rephrases), "seconds": seconds}
+            "rephrased_rows": len(rephrases), "threshold": patch.get("threshold", info.router.get("threshold")),
+            "seconds": seconds}
+
+
+def records_of_rows(jobs, table, known: set[str]) -> dict:
+    """{edit_id: EditRequest} for rows of `table` not in `known` whose job (the row's `job_id`) is still in the
+    job store `jobs` (`cluster.jobs.JobStore`): the records a retrain needs for rows whose rephrasings were never
+    stored (added by jobs that did not retrain). Rows of deleted jobs, `edit run` and imports are left out."""
+    from cluster.jobs import JobNotFoundError, job_edit_id
+    from editing.records import EditRecordError, parse_record
+
+    missing: dict[str, set[str]] = {}
+    for eid, jid in zip(table.column("edit_id").to_pylist(), table.column("job_id").to_pylist()):
+        if eid not in known and jid:
+            missing.setdefault(jid, set()).add(eid)
+    out = {}
+    for jid, eids in missing.items():
+        try:
+            spec = jobs.spec(jid)
+        except JobNotFoundError:
+            continue
+        for i, raw in enumerate(spec.records):
+            eid = job_edit_id(jid, i)
+            if eid in eids:
+                try:
+                    out[eid] = parse_record(raw, i, spec.source)
+                except EditRecordError:
+                    continue
+    return out
 
 
 def drop_robust_keys(st, memory: str) -> dict:

@@ -97,10 +97,12 @@ class RobustKeyHparams:
     # Also train on each edit's own (bare) prompt, so the adapter cannot move it off its row: at T = 400 without
     # it 10% of own prompts fell under the gate (benchmarks/RESULTS.md, 2026-12-07); with it 1.5%, as unadapted.
     own_prompts: bool = True
-    # Positives and negatives per step, drawn at random when there are more (13 positives per edit with 10
-    # rephrasings: up to 630 edits train on the whole set each step, as before this option existed). Bounds the
-    # step's [batch, rows] score matrices when a large memory is (re)trained.
-    batch: int = 8192
+    # Positives per step, drawn at random when there are more. Evaluation trains on 5 rephrasings
+    # per edit (8 positives with the shuffle, long-context and own prompt), so up to 512 edits nothing is sampled
+    # and the measured cells stand; a store memory trains on all 10 (13 per edit: whole up to 315 edits). Bounds
+    # the step's [batch, rows] score matrices when a large memory is (re)trained.
+    batch: int = 4096
+    negative_batch: int = 16384  # negatives per step, drawn at random when there are more (4,096 + ~4 per edit)
 
     def rank_for(self, n_edits: int, d_key: int) -> int:
         """The adapter rank for `n_edits` edits: `rank` if set, else 64 per started 100 edits, at most d_key."""
@@ -142,10 +144,13 @@ def _negative_keys(ed, reqs: list[EditRequest], text: str, n: int) -> torch.Tens
         ids, mask = pad_batch(chunks[i: i + 8], ed.tok.pad_token_id, device)
         out.append(token_keys(ed.model, ed.adapter, ed.layer, ids, mask)[mask.bool()].cpu())
     enc = [encode(ed.tok, r.prompt, r.subject) for r in reqs]
-    ids, mask = pad_batch([e.ids for e in enc], ed.tok.pad_token_id, device)
-    k = token_keys(ed.model, ed.adapter, ed.layer, ids, mask).cpu()
-    for j, e in enumerate(enc):  # tokens before the subject's first token
-        out.append(k[j, :e.subject_first][mask[j, :e.subject_first].bool().cpu()])
+    step = len(enc) if len(enc) <= 512 else 256  # one pass up to 512 prompts (as measured), chunks beyond
+    for c in range(0, len(enc), max(step, 1)):
+        part = enc[c: c + step]
+        ids, mask = pad_batch([e.ids for e in part], ed.tok.pad_token_id, device)
+        k = token_keys(ed.model, ed.adapter, ed.layer, ids, mask).cpu()
+        for j, e in enumerate(part):  # tokens before the subject's first token
+            out.append(k[j, :e.subject_first][mask[j, :e.subject_first].bool().cpu()])
     return torch.cat(out)[: n + sum(len(e.ids) for e in enc)]
 
 
@@ -189,12 +194,12 @@ def fit_robust_keys(ed, memory, reqs: list[EditRequest], stored_keys: torch.Tens
 
     draw = torch.Generator().manual_seed(seed)
 
-    def sample(n: int) -> torch.Tensor | None:  # a step's random subset of n items; None: all of them
-        return torch.randperm(n, generator=draw)[:hp.batch] if n > hp.batch else None
+    def sample(n: int, size: int) -> torch.Tensor | None:  # a step's random subset of n items; None: all of them
+        return torch.randperm(n, generator=draw)[:size] if n > size else None
 
     for _ in range(hp.steps):
         opt.zero_grad()
-        pi, ni = sample(len(pos_k)), sample(len(neg_k))
+        pi, ni = sample(len(pos_k), hp.batch), sample(len(neg_k), hp.negative_batch)
         pk, po = (pos_k, pos_owner_t) if pi is None else (pos_k[pi], pos_owner_t[pi])
         nk = neg_k if ni is None else neg_k[ni]
         sp = scores(adapter(pk))

@@ -73,7 +73,8 @@ class InvalidNameError(StoreError, ValueError):
 
 
 class CommitConflictError(StoreError):
-    """A commit kept losing the race against other writers until its deadline; nothing was written."""
+    """A commit kept losing the race against other writers until its deadline, or the router config it was
+    conditional on (`router_expect`) changed meanwhile; nothing was written."""
 
 
 class StoreUnavailableError(StoreError):

@@ -453,6 +453,7 @@ class MemoryStore:
         metadata_update: dict | None = None,
         router_update: dict | None = None,
         router_patch: dict | None = None,
+        router_expect: dict | None = None,
     ) -> MemoryVersion:
         """Append rows and delete edit_ids in one new version (deletes apply first, so an id in both is replaced).
 
@@ -462,14 +463,17 @@ class MemoryStore:
         `router_update` replaces the router config from this version on; its router name must stay
         the same. `router_patch` sets single keys of it instead (a None value removes the key), merged
         into the head's config inside the commit, so a concurrent writer's other keys (a recalibrated
-        threshold, a REP adapter) survive. A commit that would change nothing creates no version and
-        returns the current one.
+        threshold, a REP adapter) survive. `router_expect` makes the commit conditional: each of its keys
+        must still have that value (None: absent) in the head's router config, checked inside the commit,
+        else `CommitConflictError` and nothing is written (a slow writer that read the config long ago, such
+        as an adapter retrain, does not undo a change made meanwhile). A commit that would change nothing
+        creates no version and returns the current one.
         """
         if router_update is not None and router_patch is not None:
             raise StoreError(f"{where(name)}: give router_update or router_patch, not both", name)
         return self._change(name, add=add, delete_ids=delete_ids, where_sql=None, message=message, job_id=job_id,
                             skip_existing=skip_existing, metadata_update=metadata_update, op="commit",
-                            router_update=router_update, router_patch=router_patch)
+                            router_update=router_update, router_patch=router_patch, router_expect=router_expect)
 
     def delete(
         self, name: str, edit_ids: list[str] | None = None, subject: str | None = None, job_id: str | None = None,
@@ -493,7 +497,7 @@ class MemoryStore:
     def _change(
         self, name: str, *, add: pa.Table | None, delete_ids: list[str] | None, where_sql: str | None, message: str,
         job_id: str | None, skip_existing: bool, metadata_update: dict | None, op: str, router_update: dict | None = None,
-        router_patch: dict | None = None,
+        router_patch: dict | None = None, router_expect: dict | None = None,
     ) -> MemoryVersion:
         head = self._open(name)
         spec, _ = self._state(head, name)
@@ -555,6 +559,10 @@ class MemoryStore:
                     new_rows = None
             metadata = _merge_metadata(state.get("metadata", {}), metadata_update)
             router = state.get("router", {})
+            changed = [k for k, v in (router_expect or {}).items() if router.get(k) != v]
+            if changed:
+                raise CommitConflictError(f"{where(name, hv)}: router config {changed} changed since it was read; "
+                                          "nothing committed", name, hv)
             wanted = _merge_metadata(router, router_patch) if router_patch is not None else router_update
             if wanted is not None:
                 if wanted.get("name") != router.get("name"):
@@ -772,8 +780,9 @@ class MemoryStore:
             dropped.append(f"robust-keys artifact {key!r}")
             config.pop("robust_keys")
         elif rk and rk.get("rephrases") and self.find_artifact(REPHRASES_KIND, rk["rephrases"]) != rk["rephrases"]:
-            dropped.append(f"rephrasings artifact {rk['rephrases']!r} (the adapter is kept; retrain it with --data)")
-            config["robust_keys"] = {k: v for k, v in rk.items() if k != "rephrases"}
+            dropped.append(f"rephrasings artifact {rk['rephrases']!r} (the adapter is kept, retrained by hand only: "
+                           "kvedit edit robust-keys --data)")
+            config["robust_keys"] = {**{k: v for k, v in rk.items() if k != "rephrases"}, "retrain_growth": None}
         if config.get("stats") and self.find_artifact(STATS_KIND, config["stats"]) != config["stats"]:
             dropped.append(f"C0 statistics artifact {config.pop('stats')!r}")
         return config, dropped

@@ -294,6 +294,11 @@ def test_robust_keys_are_committed_with_the_memory_and_served_from_it(smol, ten_
         assert (again["version"], again["rows"], again["rephrased_rows"]) == (3, 10, 10)
         assert info.router["robust_keys"]["rephrases"] == ref["rephrases"]
         assert info.router["robust_keys"]["retrain_growth"] is None and ref["retrain_growth"] == 0.25
+        assert info.router["robust_keys"]["steps"] == 40
+        res = CliRunner().invoke(app, ["edit", "robust-keys", "--memory", "facts", "--store", str(root), "--json"])
+        assert res.exit_code == 0, res.output
+        kept = st.info("facts").router["robust_keys"]
+        assert kept["retrain_growth"] is None and kept["steps"] == 40, "a retrain without flags keeps the settings"
     finally:
         st.close()
         stop_embedded_redis(root)

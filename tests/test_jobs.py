@@ -250,7 +250,7 @@ def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records
     from editing.data import data_file
     from editing.rep import ARTIFACT_KIND, RobustKeyHparams
 
-    records = load_records(data_file("counterfact_valid.json"), limit=7)
+    records = load_records(data_file("counterfact_valid.json"), limit=8)
     first = _spec(raw_records[:4], "rk", job_id="rk-1", threshold=0.5)
     coord.jobs.submit(first)
     _run(coord, first.job_id)
@@ -283,7 +283,19 @@ def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records
     st = coord.jobs.get(small.job_id)
     assert st.state == JobState.SUCCEEDED and st.robust_keys_version is None
     assert coord.store.info("rk").router["robust_keys"] == rk and coord.store.info("rk").version == st.version
-    assert 'kvedit_robust_keys_retrains_total{result="ok"} 1.0' in coord.metrics.render().decode()
+
+    last = _spec(raw_records[7:8], "rk", job_id="rk-4", threshold=0.5)  # 7 -> 8 rows: +33% of the 6 trained on
+    coord.jobs.submit(last)
+    _run(coord, last.job_id)
+    st = coord.jobs.get(last.job_id)
+    info = coord.store.info("rk")
+    assert st.robust_keys_version == info.version and info.router["robust_keys"]["rows"] == 8
+    stored = json.loads(coord.store.get_artifact(REPHRASES_KIND, info.router["robust_keys"]["rephrases"])[0])
+    ids = dict(zip(coord.store.load("rk")[1].column("prompt").to_pylist(),
+                   coord.store.load("rk")[1].column("edit_id").to_pylist()))
+    assert stored == {ids[r.prompt]: r.subject_rephrases for r in records[:8]}, \
+        "the rephrasings of rk-3's row, which did not retrain, are read back from its job"
+    assert 'kvedit_robust_keys_retrains_total{result="ok"} 2.0' in coord.metrics.render().decode()
 
 
 def test_retrain_is_due_on_growth_up_to_the_row_cap():

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from editing.table import MemoryMismatchError, MemorySpec
 from store import (
+    CommitConflictError,
     CorruptFileError,
     CorruptMemoryError,
     InvalidNameError,
@@ -209,6 +210,13 @@ def test_router_patch_sets_single_keys_of_the_head_config(store, name):
     store.commit(name, router_patch={"robust_keys": None})
     assert store.info(name).router == {"name": "cosine", "threshold": 0.64, "calibrate": True}
     assert store.info(name, v2.version).router["threshold"] == 0.61, "earlier versions keep their config"
+    # a conditional patch (a slow adapter retrain that read the config long ago) loses to a change made meanwhile
+    head = store.info(name).version
+    with pytest.raises(CommitConflictError, match=r"\['robust_keys'\] changed since it was read"):
+        store.commit(name, router_patch={"robust_keys": {"artifact": "x2"}}, router_expect={"robust_keys": {"artifact": "x1"}})
+    assert store.info(name).version == head and "robust_keys" not in store.info(name).router, "nothing committed"
+    v = store.commit(name, router_patch={"robust_keys": {"artifact": "x2"}}, router_expect={"robust_keys": None})
+    assert v.version == head + 1 and store.info(name).router["robust_keys"] == {"artifact": "x2"}
     assert store.commit(name, router_patch={"robust_keys": None}).version == store.info(name).version, "no-op"
     store.commit(name, router_update={"name": "cosine", "threshold": 0.7})  # a whole config replaces the old one
     assert store.info(name).router == {"name": "cosine", "threshold": 0.7}
@@ -755,7 +763,8 @@ def test_export_is_readable_by_pandas_and_duckdb_and_imports_back(store, name, t
     store.export(name, refs)
     other.put_artifact("robust_keys", "rk-1", b"weights")
     v = other.import_table("refs3", refs)
-    assert other.info("refs3").router["robust_keys"] == {"artifact": "rk-1", "rank": 4} and "'rp-1'" in v.message
+    assert other.info("refs3").router["robust_keys"] == {"artifact": "rk-1", "rank": 4, "retrain_growth": None}
+    assert "'rp-1'" in v.message, "kept, but no longer retrained by jobs (that would forget the imported rephrasings)"
     with pytest.raises(CorruptMemoryError, match="rephrasings artifact 'rp-1' is not in the store"):
         read_rephrases(store, store.info(name).router, name)  # named and missing: an error, never a silent {}
     store.put_artifact("rephrases", "rp-1", b'{"a0": ["A zero"]}')

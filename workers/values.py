@@ -63,17 +63,16 @@ class ValueOptimiser:
             st.close()
 
     def robust_keys(self, store: str, redis_url: str | None, memory: str, model: str, overrides: dict | None,
-                    requests: list) -> dict:
-        """Retrain `memory`'s REP adapter on all its rows and commit it (`cluster.robust.train_robust_keys`);
-        `requests` are the records of rows added since (their subject rephrasings join the stored ones).
-        The adapter keeps its `retrain_growth`."""
+                    records_by_id: dict) -> dict:
+        """Retrain `memory`'s REP adapter on all its rows and commit it (`cluster.robust.train_robust_keys`,
+        keeping its settings); `records_by_id` ({edit_id: EditRequest}) are the records of rows whose
+        rephrasings are not stored yet."""
         from cluster.commit import open_store
         from cluster.robust import train_robust_keys
 
         ed = self.cache.editor(model, overrides)
         st = open_store(store, redis_url)
         try:
-            growth = (st.info(memory).router.get("robust_keys") or {}).get("retrain_growth")
-            return train_robust_keys(ed, st, memory, requests, retrain_growth=growth)
+            return train_robust_keys(ed, st, memory, records_by_id=records_by_id)
         finally:
             st.close()
