@@ -94,6 +94,10 @@ class _Handover(Exception):
     """The coordinator is stopping: leave the job (unacknowledged) for the next coordinator."""
 
 
+class _Abandoned(Exception):
+    """A best-effort step (the REP retrain) given up because the coordinator is stopping."""
+
+
 class _LeaseLost(Exception):
     """Another coordinator took the job over (our lease expired)."""
 
@@ -675,8 +679,6 @@ class _JobRun:
         memory's next version. Best effort: a failure, a timeout (`actor_timeout`) or a stop of the coordinator
         leaves the adapter as it was (a retrain still running is killed with its actor, so it cannot commit
         later) and the job finishes with its edits committed; the next job finds the retrain still due."""
-        import ray
-
         from cluster.robust import records_of_rows, retrain_due
         from store.artifacts import read_rephrases
 
@@ -696,27 +698,29 @@ class _JobRun:
             log.warning("job %s: cannot retrain the robust keys of %r: %s", self.job_id, self.spec.memory, exc)
             metric.labels("failed").inc()
             return
-        slot = pool.next_slot()
-        ref = slot.handle.robust_keys.remote(self.coord.store.root, self.coord.config.redis_url, self.spec.memory,
-                                             self.spec.model, self.spec.editor_overrides(), records)
-        deadline = time.monotonic() + self.coord.config.actor_timeout
-        while not ray.wait([ref], timeout=self.coord.config.poll_seconds)[0]:
+        dispatched: list = []
+
+        def tick() -> None:  # leases as for batches; a stopping coordinator abandons the retrain
             self.beat()
-            stop = "the coordinator is stopping" if self.coord.stop_event.is_set() else \
-                "it ran past actor_timeout" if time.monotonic() > deadline else None
-            if stop:
-                pool.replace(slot)
-                log.warning("job %s: robust-keys retrain of %r abandoned (%s); adapter unchanged", self.job_id,
-                            self.spec.memory, stop)
-                metric.labels("failed").inc()
-                return
-        try:
-            out = ray.get(ref)
-        except Exception as exc:  # noqa: BLE001 - the edits are committed; replicas keep routing through the old adapter
+            if self.coord.stop_event.is_set():
+                raise _Abandoned("the coordinator is stopping")
+
+        try:  # on the pool's tested timeout path: past actor_timeout the actor is replaced and this is a PoolError
+            (out,) = pool.run([self.spec.memory], lambda actor, memory: actor.robust_keys.remote(
+                self.coord.store.root, self.coord.config.redis_url, memory, self.spec.model,
+                self.spec.editor_overrides(), records), max_attempts=1, poll=self.coord.config.poll_seconds,
+                on_tick=tick, on_dispatch=lambda _, slot: dispatched.append(slot),
+                item_timeout=self.coord.config.actor_timeout)
+        except _Abandoned as why:
+            for slot in dispatched[-1:]:
+                pool.replace(slot)  # its retrain dies with it: nothing can commit later
+            out = Outcome(self.spec.memory, error=RuntimeError(f"abandoned: {why}"))
+        if out.error is not None:  # the edits are committed; replicas keep routing through the old adapter
             log.warning("job %s: retraining the robust keys of %r failed, adapter unchanged: %s", self.job_id,
-                        self.spec.memory, exc)
+                        self.spec.memory, out.error)
             metric.labels("failed").inc()
             return
+        out = out.value
         metric.labels("ok").inc()
         self.coord.jobs.update(self.job_id, robust_keys_version=out["version"])
         log.info("job %s: robust keys of %r retrained on %d rows -> v%d", self.job_id, self.spec.memory, out["rows"],

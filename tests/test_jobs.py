@@ -240,64 +240,6 @@ def test_whitened_job_names_its_statistics_for_replicas(coord, raw_records, tmp_
     assert torch.equal(router.c0_inv, WhitenedRouter(stored.mean).c0_inv)
 
 
-def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records, smol):
-    """A memory's REP adapter keeps up with it: after a job that adds `retrain_growth` more rows than the adapter
-    saw, the coordinator retrains it on every row (stored rephrasings of the old rows plus the job's records) and
-    commits it; a job that adds fewer rows leaves it alone."""
-    from cluster.robust import RETRAIN_MAX_ROWS, train_robust_keys
-    from store.artifacts import REPHRASES_KIND
-    from editing import load_records
-    from editing.data import data_file
-    from editing.rep import ARTIFACT_KIND, RobustKeyHparams
-
-    records = load_records(data_file("counterfact_valid.json"), limit=8)
-    first = _spec(raw_records[:4], "rk", job_id="rk-1", threshold=0.5)
-    coord.jobs.submit(first)
-    _run(coord, first.job_id)
-    assert coord.jobs.get(first.job_id).robust_keys_version is None, "no adapter yet: nothing to retrain"
-    trained = train_robust_keys(smol, coord.store, "rk", records[:4], RobustKeyHparams(steps=5), retrain_growth=0.25)
-    assert (trained["rows"], trained["rephrased_rows"]) == (4, 4)
-    before = coord.store.info("rk").router["robust_keys"]
-
-    grow = _spec(raw_records[4:6], "rk", job_id="rk-2", threshold=0.5)  # 4 -> 6 rows: +50% >= 25%
-    coord.jobs.submit(grow)
-    _run(coord, grow.job_id)
-    st = coord.jobs.get(grow.job_id)
-    assert st.state == JobState.SUCCEEDED, st.error
-    info = coord.store.info("rk")
-    rk = info.router["robust_keys"]
-    assert st.robust_keys_version == info.version > st.version, "the adapter is committed after the job's rows"
-    assert rk["rows"] == info.n_rows == 6 and rk["trained_on_version"] == st.version
-    assert rk["artifact"] != before["artifact"] and rk["steps"] == 5 and rk["retrain_growth"] == 0.25
-    assert rk["retrain_max_rows"] == RETRAIN_MAX_ROWS
-    assert coord.store.get_artifact(ARTIFACT_KIND, rk["artifact"]) is not None
-    stored = json.loads(coord.store.get_artifact(REPHRASES_KIND, rk["rephrases"])[0])
-    ids = dict(zip(coord.store.load("rk")[1].column("prompt").to_pylist(),
-                   coord.store.load("rk")[1].column("edit_id").to_pylist()))
-    assert stored == {ids[r.prompt]: r.subject_rephrases for r in records[:6]}, \
-        "the old rows' stored rephrasings and the job's records' rephrasings"
-
-    small = _spec(raw_records[6:7], "rk", job_id="rk-3", threshold=0.5)  # 6 -> 7 rows: +17% < 25%
-    coord.jobs.submit(small)
-    _run(coord, small.job_id)
-    st = coord.jobs.get(small.job_id)
-    assert st.state == JobState.SUCCEEDED and st.robust_keys_version is None
-    assert coord.store.info("rk").router["robust_keys"] == rk and coord.store.info("rk").version == st.version
-
-    last = _spec(raw_records[7:8], "rk", job_id="rk-4", threshold=0.5)  # 7 -> 8 rows: +33% of the 6 trained on
-    coord.jobs.submit(last)
-    _run(coord, last.job_id)
-    st = coord.jobs.get(last.job_id)
-    info = coord.store.info("rk")
-    assert st.robust_keys_version == info.version and info.router["robust_keys"]["rows"] == 8
-    stored = json.loads(coord.store.get_artifact(REPHRASES_KIND, info.router["robust_keys"]["rephrases"])[0])
-    ids = dict(zip(coord.store.load("rk")[1].column("prompt").to_pylist(),
-                   coord.store.load("rk")[1].column("edit_id").to_pylist()))
-    assert stored == {ids[r.prompt]: r.subject_rephrases for r in records[:8]}, \
-        "the rephrasings of rk-3's row, which did not retrain, are read back from its job"
-    assert 'kvedit_robust_keys_retrains_total{result="ok"} 2.0' in coord.metrics.render().decode()
-
-
 def test_retrain_is_due_on_growth_up_to_the_row_cap():
     from cluster.robust import RETRAIN_MAX_ROWS, retrain_due
 
@@ -565,3 +507,79 @@ def test_job_thresholds_are_checked_against_the_router():
     for router, bad in (("cosine", 1.5), ("margin", 1.0), ("cosine", float("inf"))):
         with pytest.raises(JobSpecError, match=r"field 'threshold'"):
             JobSpec(memory="m", records=[{}], router=router, threshold=bad).check()
+
+
+def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records, smol):
+    """A memory's REP adapter keeps up with it: after a job that adds `retrain_growth` more rows than the adapter
+    saw, the coordinator retrains it on every row (stored rephrasings of the old rows plus the job's records) and
+    commits it; a job that adds fewer rows leaves it alone."""
+    from cluster.robust import RETRAIN_MAX_ROWS, train_robust_keys
+    from store.artifacts import REPHRASES_KIND
+    from editing import load_records
+    from editing.data import data_file
+    from editing.rep import ARTIFACT_KIND, RobustKeyHparams
+
+    records = load_records(data_file("counterfact_valid.json"), limit=9)
+    first = _spec(raw_records[:4], "rk", job_id="rk-1", threshold=0.5)
+    coord.jobs.submit(first)
+    _run(coord, first.job_id)
+    assert coord.jobs.get(first.job_id).robust_keys_version is None, "no adapter yet: nothing to retrain"
+    trained = train_robust_keys(smol, coord.store, "rk", records[:4], RobustKeyHparams(steps=5), retrain_growth=0.25)
+    assert (trained["rows"], trained["rephrased_rows"]) == (4, 4)
+    before = coord.store.info("rk").router["robust_keys"]
+
+    grow = _spec(raw_records[4:6], "rk", job_id="rk-2", threshold=0.5)  # 4 -> 6 rows: +50% >= 25%
+    coord.jobs.submit(grow)
+    _run(coord, grow.job_id)
+    st = coord.jobs.get(grow.job_id)
+    assert st.state == JobState.SUCCEEDED, st.error
+    info = coord.store.info("rk")
+    rk = info.router["robust_keys"]
+    assert st.robust_keys_version == info.version > st.version, "the adapter is committed after the job's rows"
+    assert rk["rows"] == info.n_rows == 6 and rk["trained_on_version"] == st.version
+    assert rk["artifact"] != before["artifact"] and rk["steps"] == 5 and rk["retrain_growth"] == 0.25
+    assert rk["retrain_max_rows"] == RETRAIN_MAX_ROWS
+    assert coord.store.get_artifact(ARTIFACT_KIND, rk["artifact"]) is not None
+    stored = json.loads(coord.store.get_artifact(REPHRASES_KIND, rk["rephrases"])[0])
+    ids = dict(zip(coord.store.load("rk")[1].column("prompt").to_pylist(),
+                   coord.store.load("rk")[1].column("edit_id").to_pylist()))
+    assert stored == {ids[r.prompt]: r.subject_rephrases for r in records[:6]}, \
+        "the old rows' stored rephrasings and the job's records' rephrasings"
+
+    small = _spec(raw_records[6:7], "rk", job_id="rk-3", threshold=0.5)  # 6 -> 7 rows: +17% < 25%
+    coord.jobs.submit(small)
+    _run(coord, small.job_id)
+    st = coord.jobs.get(small.job_id)
+    assert st.state == JobState.SUCCEEDED and st.robust_keys_version is None
+    assert coord.store.info("rk").router["robust_keys"] == rk and coord.store.info("rk").version == st.version
+
+    # 7 -> 8 rows (+33% of the 6 trained on), but the coordinator is told to stop during the retrain: it is abandoned
+    # with its actor (nothing commits later) and the job still succeeds with its edits committed
+    stopped = _spec(raw_records[7:8], "rk", job_id="rk-4", threshold=0.5)
+    coord.jobs.submit(stopped)
+    restarts = coord.value_pool().restarts
+    runner = _run_in_thread(coord, stopped.job_id)
+    _wait_for(lambda: coord.jobs.get(stopped.job_id).stage == "robust_keys", what="the retrain to start")
+    coord.stop_event.set()
+    runner.join(TIMEOUT)
+    coord.stop_event.clear()
+    st = coord.jobs.get(stopped.job_id)
+    assert st.state == JobState.SUCCEEDED and st.n_committed == 1 and st.robust_keys_version is None, st
+    assert coord.value_pool().restarts == restarts + 1
+    time.sleep(3)
+    assert coord.store.info("rk").router["robust_keys"] == rk and coord.store.info("rk").n_rows == 8
+
+    last = _spec(raw_records[8:9], "rk", job_id="rk-5", threshold=0.5)  # 8 -> 9 rows: the retrain is still due
+    coord.jobs.submit(last)
+    _run(coord, last.job_id)
+    st = coord.jobs.get(last.job_id)
+    info = coord.store.info("rk")
+    assert st.robust_keys_version == info.version and info.router["robust_keys"]["rows"] == 9
+    stored = json.loads(coord.store.get_artifact(REPHRASES_KIND, info.router["robust_keys"]["rephrases"])[0])
+    ids = dict(zip(coord.store.load("rk")[1].column("prompt").to_pylist(),
+                   coord.store.load("rk")[1].column("edit_id").to_pylist()))
+    assert stored == {ids[r.prompt]: r.subject_rephrases for r in records[:9]}, \
+        "the rephrasings of rk-3's and rk-4's rows, which did not retrain, are read back from their jobs"
+    metrics = coord.metrics.render().decode()
+    assert 'kvedit_robust_keys_retrains_total{result="ok"} 2.0' in metrics
+    assert 'kvedit_robust_keys_retrains_total{result="failed"} 1.0' in metrics
