@@ -149,21 +149,25 @@ class Baseline(EditMethod):
         return ids
 
     def delete(self, edit_ids) -> int:
+        """Withdraw single edits. Only methods with `can_delete` (scr) do; the in-place editors cannot
+        (subtracting an update is not exact, and later updates were computed on top of it)."""
         raise NotImplementedError(f"{self.name} cannot withdraw single edits")
 
     @contextlib.contextmanager
     def disabled(self):
-        """Inside: the unedited model's behaviour."""
-        raise NotImplementedError
+        """Inside: the unedited model's behaviour. Each method defines it (`WeightEditor` swaps the original
+        weights in, `Scr` stops retrieving); a method without it is a programming error."""
+        raise NotImplementedError(f"{type(self).__name__} does not define disabled()")
 
     def _start(self) -> None:
-        pass
+        """Hook run on entering the context (before any edit); no set-up is needed by default."""
 
     def _stop(self) -> None:
-        pass
+        """Hook run on leaving the context; nothing to release by default."""
 
     def _edit(self, requests, edit_ids: list[str]) -> None:
-        raise NotImplementedError
+        """Write one validated batch: each method defines it (rome, memit, alphaedit, scr)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define _edit()")
 
 
 class WeightEditor(Baseline):

@@ -70,4 +70,5 @@ class Memit(WeightEditor):
         return memit_update(residual, keys, self.c0[layer], self.hp.mom2_update_weight)
 
     def _after_batch(self, requests) -> None:
-        pass
+        """Hook after a batch's update is written: MEMIT keeps no state across batches; AlphaEdit
+        accumulates the batch's keys into its null-space projection here."""
