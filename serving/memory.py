@@ -14,8 +14,8 @@ The watcher thread never touches the routed buffers while a forward may run: it 
 `MemoryStore.changes(since)` deltas, turns them into tensors and *stages* them. They are
 applied by `step_boundary()` (or `apply()`), which holds `routed.lock` and applies every
 staged version in order, so each forward step sees exactly one version. The HF backend
-lets the watcher apply directly (`auto_apply=True`) because its generate call holds
-`routed.lock`; vLLM applies at the model's outer forward and at the `kvedit_sync` RPC.
+lets the watcher apply directly (`auto_apply=True`) once no request holds `routed.lock`
+(each request also applies what is staged when it starts); vLLM applies at the model's outer forward and at the `kvedit_sync` RPC.
 
 The watcher subscribes to the memory's Redis channel. When Redis is unreachable it polls
 the store (which needs no Redis to read) every `poll_seconds` and retries Redis with
@@ -271,8 +271,9 @@ class MemoryFollower:
         resolved: the checked memory (`resolve_memory`).
         routed: the RoutedFFN the model calls (`build_routed`).
         poll_seconds: store polling interval while Redis is unreachable.
-        auto_apply: apply staged versions from the watcher thread (the HF backend, whose
-            generate holds `routed.lock`); otherwise the owner calls `step_boundary()`.
+        auto_apply: apply staged versions from the watcher thread once `routed.lock` is free (the
+            HF backend, whose requests hold it and apply at their start); otherwise the owner calls
+            `step_boundary()`.
         shard: this rank's key slice under tensor parallelism.
         fixed_capacity: never grow the buffers (compiled graphs / CUDA graphs hold their
             addresses); a version with more rows than `routed.capacity` is refused.
@@ -404,7 +405,7 @@ class MemoryFollower:
         logger.info("memory %r v%d staged (%d added, %d deleted)", self.name, update.version,
                     len(update.added_ids), len(update.deleted_ids))
         if self.auto_apply:
-            self.apply_pending()
+            self._apply_when_idle()
         self._fit_basis(update)
 
     def take_pending(self) -> list[StagedUpdate]:
@@ -432,6 +433,29 @@ class MemoryFollower:
                 self.basis_pending = False
                 logger.info("memory %r: prefilter basis set (%d facts)", self.name, self.routed.n_facts)
         return changed
+
+    def _apply_when_idle(self) -> None:
+        """The watcher's apply (auto_apply): wait until no request holds `routed.lock`, then apply.
+
+        The staged versions stay queued while it waits, so a request that starts first applies them
+        at its own boundary; taking them and then waiting for the lock would let a stream of requests
+        run on the old version. Lock order elsewhere is `_apply_lock` then `routed.lock`, so here the
+        apply lock is only tried: when a request thread holds it, that thread is applying anyway.
+        """
+        r = self.routed
+        while (self._pending or self._basis is not None) and not self._stop.is_set():
+            if not r.lock.acquire(timeout=0.05):
+                continue
+            try:
+                if self._apply_lock.acquire(blocking=False):
+                    try:
+                        self.apply_pending()
+                    finally:
+                        self._apply_lock.release()
+                    return
+            finally:
+                r.lock.release()
+            time.sleep(0.001)
 
     def apply(self, updates: list[StagedUpdate], measure: bool = True) -> bool:
         """Apply versions in order under `routed.lock` (one atomic change for the forward)."""
@@ -564,7 +588,7 @@ class MemoryFollower:
         logger.info("memory %r: prefilter basis fitted on v%d's %d keys in %.1fs", self.name, update.version,
                     keys.shape[0], time.perf_counter() - t0)
         if self.auto_apply:
-            self.apply_pending()
+            self._apply_when_idle()
 
     def _run(self) -> None:
         sub = None

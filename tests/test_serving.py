@@ -8,6 +8,7 @@ launched by the first test that needs it and boots while the edits are computed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -155,10 +156,12 @@ def complete(client, prompt: str, headers: dict | None = AUTH, max_tokens: int =
 def wait_for_version(client, version: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if client.get("/health").json().get("memory", {}).get("version") == version:
+        health = client.get("/health").json()
+        if health.get("memory", {}).get("version") == version:
             return
         time.sleep(0.05)
-    raise TimeoutError(f"replica did not reach v{version}")
+    status = client.get("/admin/memory", headers=AUTH)  # staged version, errors (with the key)
+    raise TimeoutError(f"replica did not reach v{version} in {timeout}s: {health}; {status.text[:1000]}")
 
 
 def prompts(edits) -> list[str]:
@@ -181,6 +184,45 @@ def test_memory_ref_and_settings_from_env():
         with pytest.raises(ServingConfigError):
             MemorySettings.from_env(env)
     assert cache_salt("facts", 3) == "kvedit-facts-v3"
+
+
+@contextlib.contextmanager
+def unit_memory(tmp_path, ids=("a",), poll_seconds: float = 2.0):
+    """A synthetic memory "m" (rows `ids`, cosine at 0.5) in a fresh store with its own Redis: (store, resolved)."""
+    spec = MemorySpec("fp-unit", 2, 16, 8)
+    root = tmp_path / "s"
+    s = MemoryStore(root)
+    try:
+        s.create("m", spec, {"name": "cosine", "threshold": 0.5})
+        s.commit("m", synthetic_rows(spec, list(ids)))
+        settings = MemorySettings(MemoryRef("m"), store=str(root), redis_url=embedded_url(root), poll_seconds=poll_seconds)
+        yield s, resolve_memory(settings, ServedModel("fp-unit", 4, 16, 8))
+    finally:
+        s.close()
+        stop_embedded_redis(root)
+
+
+def test_auto_apply_never_holds_a_version_back_from_the_next_request(tmp_path):
+    """HF serving: a version staged while a request holds `routed.lock` is applied by the next request's
+    boundary (the watcher must not take it and then wait for the lock), and by the watcher once idle."""
+    with unit_memory(tmp_path, poll_seconds=0.2) as (s, resolved):
+        routed = build_routed(resolved)
+        f = MemoryFollower(resolved, routed, poll_seconds=0.2, auto_apply=True)
+        f.load()
+        f.start()
+        deadline = time.monotonic() + 10
+        with routed.lock:  # a request is generating
+            v2 = s.commit("m", synthetic_rows(resolved.spec, ["b"], seed=1)).version
+            _wait_staged(f, v2)
+            time.sleep(0.3)  # the watcher tries to apply meanwhile
+            assert routed.version == 1, "no version changes under a running request"
+            assert f.apply_pending() and routed.version == v2, "the next request's boundary applies what is staged"
+        v3 = s.delete("m", ["a"]).version
+        while routed.version != v3:  # no request: the watcher applies it itself
+            assert time.monotonic() < deadline, f"the idle watcher never applied v{v3}"
+            time.sleep(0.02)
+        assert sorted(routed.slots) == ["b"] and f.errors == 0
+        f.close()
 
 
 def test_follower_stages_versions_until_the_step_boundary(tmp_path):
@@ -238,14 +280,8 @@ def test_follower_stages_versions_until_the_step_boundary(tmp_path):
 def test_concurrent_step_boundaries_apply_versions_in_order(tmp_path, monkeypatch):
     """A request thread and the watcher both apply staged versions (HF backend): the one that takes a delta
     applies it before anyone takes the next, so a later delta is never refused (which would block following)."""
-    spec = MemorySpec("fp-unit", 2, 16, 8)
-    root = tmp_path / "s"
-    s = MemoryStore(root)
-    try:
-        s.create("m", spec, {"name": "cosine", "threshold": 0.5})
-        s.commit("m", synthetic_rows(spec, ["a"]))
-        settings = MemorySettings(MemoryRef("m"), store=str(root), redis_url=embedded_url(root))
-        resolved = resolve_memory(settings, ServedModel("fp-unit", 4, 16, 8))
+    with unit_memory(tmp_path) as (s, resolved):
+        spec = resolved.spec
         f = MemoryFollower(resolved, build_routed(resolved))
         f.load()
         s.commit("m", synthetic_rows(spec, ["b"], seed=1))
@@ -275,9 +311,6 @@ def test_concurrent_step_boundaries_apply_versions_in_order(tmp_path, monkeypatc
         assert f.blocked_version is None and f.errors == 0, f.last_error
         assert f.routed.version == 3 and sorted(f.routed.slots) == ["a", "b", "c"]
         f.close()
-    finally:
-        s.close()
-        stop_embedded_redis(root)
 
 
 def _wait_staged(f, version, seconds=10.0):
