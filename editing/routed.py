@@ -195,6 +195,14 @@ class RoutedFFN(nn.Module):
         if len(set(added_ids)) != n:
             raise ValueError("duplicate edit ids in one delta")
         with self.lock:
+            # Everything that can fail runs before the first write: a router that refuses the keys or a
+            # buffer that cannot grow leaves the layer at its old version, not half-way to the new one.
+            if n:
+                rows, gain = self.router.derive_rows(keys.to(self.rows.device))
+                rows = rows.to(self.rows.dtype)
+                leaving = {e for e in deleted_ids if e in self.slots}
+                self.ensure_capacity(len(self.slots) - len(leaving)
+                                     + sum(1 for e in added_ids if e not in self.slots or e in leaving))
             gone = [slot for slot in (self.slots.pop(eid, None) for eid in deleted_ids) if slot is not None]
             if gone:
                 idx = torch.tensor(gone, device=self.rows.device)
@@ -206,13 +214,9 @@ class RoutedFFN(nn.Module):
                 self._free.extend(gone)
             removed = len(gone)
             if n:
-                # derived first: a router that raises leaves no id holding a slot without a row
-                rows, gain = self.router.derive_rows(keys.to(self.rows.device))
-                rows = rows.to(self.rows.dtype)
-                new_ids = [e for e in added_ids if e not in self.slots]
-                self.ensure_capacity(len(self.slots) + len(new_ids))
-                for eid in new_ids:
-                    self.slots[eid] = self._free.pop()
+                for eid in added_ids:
+                    if eid not in self.slots:
+                        self.slots[eid] = self._free.pop()
                 idx = torch.tensor([self.slots[e] for e in added_ids], device=self.rows.device)
                 self.rows[idx] = rows
                 self.gain[idx] = gain.to(self.gain.dtype)

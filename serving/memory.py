@@ -314,6 +314,7 @@ class MemoryFollower:
         self._adapter_key: str | None = None  # artifact of the last REP adapter read, and the module
         self._adapter: torch.nn.Module | None = None
         self._problem_version: int | None = None  # the last version refused by `_unservable`
+        self._resync = threading.Event()  # re-stage from the loaded version at the watcher's next turn
 
     # ------------------------------------------------------------------ reading the store
     def _with_adapter(self, u: StagedUpdate) -> StagedUpdate:
@@ -390,8 +391,8 @@ class MemoryFollower:
         r = self.routed
         if r.version != update.version:
             raise MemoryFollowError(self.last_error or f"memory {self.name!r} v{update.version} could not be loaded")
-        if r.prefilter_dim and r.n_facts >= r.prefilter_min_rows and not self.fixed_capacity:
-            r.fit_basis()
+        if r.prefilter_dim and r.n_facts >= r.prefilter_min_rows and not self.fixed_capacity and self.shard is None:
+            r.fit_basis()  # not per TP rank: each would fit its own basis to its own key columns
         logger.info("memory %r v%d loaded: %d facts at layer %d", self.name, update.version, r.n_facts, self.spec.layer)
 
     def stage(self, update: StagedUpdate, replace: bool = False) -> None:
@@ -466,6 +467,10 @@ class MemoryFollower:
             for u in updates:
                 if u.version <= (r.version if r.version is not None else -1) and u.base_version is not None:
                     continue
+                if u.base_version is not None and u.base_version != r.version:
+                    self._restage(f"memory {self.name!r}: delta v{u.base_version}->v{u.version} does not start at "
+                                  f"the loaded v{r.version}; staging again from v{r.version}")
+                    break
                 problem = self._refusal(u)
                 if problem:
                     self._fail(problem)
@@ -477,7 +482,12 @@ class MemoryFollower:
                     deleted = [e for e in r.slots if e not in keep]
                 else:
                     deleted = u.deleted_ids
-                r.apply(u.added_ids, keys, u.residuals, deleted, version=u.version)
+                try:
+                    r.apply(u.added_ids, keys, u.residuals, deleted, version=u.version)
+                except (RuntimeError, ValueError) as exc:  # out of memory, rows the router refuses: unchanged
+                    self._restage(f"memory {self.name!r}: v{u.version} could not be applied ({exc}); serving "
+                                  f"v{r.version} and trying again")
+                    break
                 thr = (u.router or {}).get("threshold")
                 r.threshold.fill_(r.router.default_threshold if thr is None else float(thr))
                 r.query_adapter = u.query_adapter
@@ -491,12 +501,20 @@ class MemoryFollower:
                         u.staged_at - (u.committed_at or u.staged_at), t0 - u.staged_at, now - t0)
         return bool(applied)
 
+    def _restage(self, message: str) -> None:
+        """A staged version did not apply and left the layer as it was: drop what is staged (later deltas
+        build on it) and have the watcher stage again from the loaded version. Under `routed.lock`."""
+        self._fail(message)
+        with self._stage_lock:
+            self._pending.clear()
+            self._staged_version = self.routed.version
+        self._resync.set()
+
     def _refusal(self, u: StagedUpdate) -> str | None:
-        r = self.routed
+        """Why `u` can never be served by this replica (it stops following until restarted), or None."""
         if u.problem:
             return u.problem
-        if u.base_version is not None and u.base_version != r.version:
-            return f"memory {self.name!r}: delta v{u.base_version}->v{u.version} does not start at the loaded v{r.version}"
+        r = self.routed
         name = (u.router or {}).get("name") or "cosine"
         if name != self.router_name:
             return (f"memory {self.name!r} v{u.version} switched router {self.router_name!r} -> {name!r}; "
@@ -613,10 +631,11 @@ class MemoryFollower:
                     self.catch_up()
                     continue
                 msg = sub.get(timeout=min(self.poll_seconds, 1.0))
-                if msg is not None:
+                if msg is not None and not self._resync.is_set():
                     if self._is_ours(msg):
                         self.catch_up(int(msg["version"]), _timestamp(msg.get("committed_at")))
-                elif time.monotonic() >= next_resync:
+                elif time.monotonic() >= next_resync or self._resync.is_set():
+                    self._resync.clear()
                     self.catch_up()
                     next_resync = time.monotonic() + RESYNC_SECONDS
             except (redis.RedisError, StoreUnavailableError, ConnectionError) as exc:
@@ -640,6 +659,7 @@ class MemoryFollower:
                 self._stop.wait(self.poll_seconds)
         if sub is not None:
             sub.close()
+        self.store.close()  # a client opened after close() gave up waiting for this thread
 
     # ------------------------------------------------------------------ reporting
     def status(self, drain: bool = False) -> dict:

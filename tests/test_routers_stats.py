@@ -45,9 +45,16 @@ def test_stored_key_routes_to_itself_and_random_key_is_gated_off(name):
 
 
 def test_a_failed_add_leaves_the_memory_as_it_was():
-    """A router that fails to derive the rows leaves no id holding a slot without a row."""
+    """A router that fails to derive the rows leaves no id holding a slot without a row, and the deletes of
+    the same delta undone (a replica keeps serving its last version whole); a delta that frees as many rows
+    as it adds does not grow full buffers (a compiled graph holds their addresses)."""
     mem = RoutedFFN(make_router("cosine"), D_KEY, D_MODEL, capacity=2)
-    mem.add(["a"], _anisotropic(1), torch.randn(1, D_MODEL))
+    mem.apply(["a", "x"], _anisotropic(2), torch.randn(2, D_MODEL), [], version=1)
+    buffers = mem.rows.data_ptr()
+    mem.apply(["y"], _anisotropic(1, seed=4), torch.randn(1, D_MODEL), ["x"], version=2)
+    mem.apply(["y"], _anisotropic(1, seed=5), torch.randn(1, D_MODEL), ["y"], version=3)  # delete and re-add
+    assert mem.capacity == 2 and mem.rows.data_ptr() == buffers and sorted(mem.slots) == ["a", "y"]
+    mem.delete(["y"])
 
     class Broken(type(mem.router)):
         def derive_rows(self, keys):
@@ -57,6 +64,9 @@ def test_a_failed_add_leaves_the_memory_as_it_was():
     with pytest.raises(RuntimeError, match="cannot derive"):
         mem.add(["b", "c", "d"], _anisotropic(3, seed=2), torch.randn(3, D_MODEL))
     assert list(mem.slots) == ["a"] and mem.n_facts == 1 and int(torch.isfinite(mem.bias).sum()) == 1
+    with pytest.raises(RuntimeError, match="cannot derive"):
+        mem.apply(["b"], _anisotropic(1, seed=2), torch.randn(1, D_MODEL), ["a"], version=9)
+    assert list(mem.slots) == ["a"] and int(torch.isfinite(mem.bias).sum()) == 1 and mem.version == 3
     with pytest.raises(ValueError, match="capacity"):
         RoutedFFN(make_router("cosine"), D_KEY, D_MODEL, capacity=0)  # doubling from 0 never ends
 

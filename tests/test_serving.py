@@ -277,6 +277,34 @@ def test_follower_stages_versions_until_the_step_boundary(tmp_path):
         stop_embedded_redis(root)
 
 
+def test_a_version_that_fails_to_apply_is_staged_again_not_lost(tmp_path, monkeypatch):
+    """A delta whose apply raises (out of memory, say) leaves the layer at its version; the watcher stages
+    the versions again from there, and the next boundary applies them (the replica does not stop following)."""
+    with unit_memory(tmp_path, poll_seconds=0.2) as (s, resolved):
+        f = MemoryFollower(resolved, build_routed(resolved), poll_seconds=0.2)
+        f.load()
+        f.start()
+        v2 = s.commit("m", synthetic_rows(resolved.spec, ["b"], seed=1)).version
+        _wait_staged(f, v2)
+        real_apply, calls = f.routed.apply, []
+
+        def failing_once(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 1:
+                raise RuntimeError("CUDA out of memory")
+            return real_apply(*args, **kwargs)
+
+        monkeypatch.setattr(f.routed, "apply", failing_once)
+        assert not f.step_boundary() and f.routed.version == 1 and sorted(f.routed.slots) == ["a"]
+        assert f.errors == 1 and "could not be applied" in f.last_error
+        _wait_staged(f, v2)  # staged again by the watcher, without a new commit
+        assert f.step_boundary() and f.routed.version == v2 and sorted(f.routed.slots) == ["a", "b"]
+        v3 = s.delete("m", ["a"]).version
+        _wait_staged(f, v3)
+        assert f.step_boundary() and sorted(f.routed.slots) == ["b"] and f.blocked_version is None
+        f.close()
+
+
 def test_concurrent_step_boundaries_apply_versions_in_order(tmp_path, monkeypatch):
     """A request thread and the watcher both apply staged versions (HF backend): the one that takes a delta
     applies it before anyone takes the next, so a later delta is never refused (which would block following)."""
