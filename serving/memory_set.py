@@ -186,6 +186,9 @@ class ServedMemories:
         if not reuse:
             self._install(self.prepare(ref))
         with self.switch_lock, self.lock:
+            if ref.name not in self.loaded:  # a concurrent admin call removed it since it was loaded or checked
+                raise UnknownMemoryError(f"memory {ref.name!r} was removed while it was being made the default; "
+                                         "nothing changed")
             previous, self.default = self.default, ref.name
             if previous is not None and previous != ref.name and not keep_previous:
                 self._retire(previous)
@@ -210,26 +213,39 @@ class ServedMemories:
         self.retired.append(m)
         logger.info("memory %r retired", name)
 
-    def collect(self, in_use: set[str] | None = None, now: float | None = None) -> list[str]:
-        """Unload retired memories no running request uses (after the grace period). Between steps only."""
+    def collectable(self, in_use: set[str] | None = None, now: float | None = None) -> list[str]:
+        """Retired memories no running request uses whose grace period is over."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            return [m.name for m in self.retired
+                    if not (in_use and m.name in in_use) and now - (m.retired_at or now) >= self.grace_s]
+
+    def collect(self, in_use: set[str] | None = None, now: float | None = None,
+                names: list[str] | None = None) -> list[str]:
+        """Unload retired memories: `names` (under tensor parallelism, the leader's `collectable`, so that
+        every rank unloads the same ones at the same step), else `collectable(in_use, now)`. Between steps only.
+
+        Their followers are closed after the locks are released: a watcher busy reading the store must not
+        hold up requests (on HF the switch lock is the generation lock).
+        """
         if not self.retired:
             return []
-        now = time.monotonic() if now is None else now
-        done: list[str] = []
+        names = set(self.collectable(in_use, now) if names is None else names)
+        gone: list[LoadedMemory] = []
         with self.switch_lock, self.lock:
             keep = []
             for m in self.retired:
-                if (in_use and m.name in in_use) or now - (m.retired_at or now) < self.grace_s:
+                if m.name not in names:
                     keep.append(m)
                     continue
                 if self.on_unload is not None and m.name not in self.loaded:
                     self.on_unload(m.name, m.routed)
-                m.follower.close()
-                done.append(m.name)
+                gone.append(m)
             self.retired = keep
-        for name in done:
-            logger.info("memory %r unloaded", name)
-        return done
+        for m in gone:
+            m.follower.close()
+            logger.info("memory %r unloaded", m.name)
+        return [m.name for m in gone]
 
     # ------------------------------------------------------------------ requests
     def choose(self, name: str | None) -> LoadedMemory | None:

@@ -85,9 +85,11 @@ class WorkerMemories:
     model mixin and the RPCs of `KveditWorkerExtension` drive it unchanged.
     """
 
-    def __init__(self, memories: ServedMemories, memset: MemorySet, runner=None, fixed: bool = False):
+    def __init__(self, memories: ServedMemories, memset: MemorySet, runner=None, fixed: bool = False,
+                 sync: _TensorParallelSync | None = None):
         self.memories = memories
         self.memset = memset
+        self.sync = sync  # under tensor parallelism: rank 0 decides which retired memories to unload
         self._runner = None if runner is None else weakref.ref(runner)
         self.fixed = fixed
         self.started = False
@@ -117,9 +119,13 @@ class WorkerMemories:
         if runner is None:
             self.memset.set_token_memory([])
             return
-        if self.memories.retired:
+        if self.memories.retired:  # the same on every rank: retiring is an RPC to all, unloading is agreed here
             in_use = {request_memory(r.sampling_params, self.memories.default) for r in runner.requests.values()}
-            self.memories.collect(in_use)
+            if self.sync is None:
+                self.memories.collect(in_use)
+            else:  # each rank's own clock would end the grace period at a different step
+                leader = self.memories.collectable(in_use) if self.sync.leader else None
+                self.memories.collect(names=self.sync.share(leader))
         self._set_mapping(runner)
 
     def _set_mapping(self, runner) -> None:
@@ -260,7 +266,7 @@ def attach_memories(model: nn.Module, vllm_config: VllmConfig, settings: MemoryS
     runner = find_runner()
     if runner is None:  # bound by the first kvedit RPC instead; until then every token gets the base model
         logger.warning("kvedit: the model runner is not among the callers; waiting for a kvedit RPC to bind it")
-    return WorkerMemories(memories, memset, runner, fixed)
+    return WorkerMemories(memories, memset, runner, fixed, sync)
 
 
 # ---------------------------------------------------------------------------------------------- RPCs

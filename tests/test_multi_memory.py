@@ -177,7 +177,64 @@ def test_served_memories_swap_add_remove_and_refusals(tmp_path):
         assert sorted(memset.names) == ["a"]
         with pytest.raises(UnknownMemoryError):
             served.remove("b")
+
+        real_install = served._install
+
+        def install_then_removed(new):  # a concurrent admin call removes the memory just loaded
+            real_install(new)
+            served.remove(new.name)
+
+        served._install = install_then_removed
+        with pytest.raises(UnknownMemoryError, match="removed while"):
+            served.swap(MemoryRef("b"))
+        assert served.default is None, "a swap to a memory removed meanwhile changes nothing"
         served.close()
+    finally:
+        s.close()
+        stop_embedded_redis(root)
+
+
+def test_tensor_parallel_ranks_unload_what_the_leader_decides(tmp_path):
+    """Under tensor parallelism every rank must unload a retired memory at the same step (unloading changes
+    the collectives each step runs): a rank unloads the leader's choice, not what its own clock says."""
+    import numpy as np
+
+    from serving.vllm_multi import WorkerMemories
+
+    class Runner:  # an empty batch: the mapping step has nothing to map
+        requests: dict = {}
+        input_batch = dataclasses.make_dataclass("Batch", [("num_reqs", int), ("req_ids", list)])(0, [])
+        query_start_loc = dataclasses.make_dataclass("Loc", [("np", object)])(np.zeros(1, dtype=np.int64))
+
+    class Sync:
+        def __init__(self, leader: bool, decided: list[str] | None = None):
+            self.leader, self.decided, self.offered = leader, decided, []
+
+        def share(self, obj):
+            self.offered.append(obj)
+            return obj if self.leader else self.decided
+
+    spec = MemorySpec("fp-unit", 2, 16, 8)
+    root = tmp_path / "s"
+    s = MemoryStore(root)
+    runner = Runner()
+    try:
+        for name in ("a", "b"):
+            s.create(name, spec, {"name": "cosine"})
+            s.commit(name, synthetic_rows(spec, [f"{name}0"]))
+        settings = MemorySettings(MemoryRef("a"), store=str(root), redis_url=embedded_url(root), poll_seconds=0.2,
+                                  memories=(MemoryRef("a"),))
+        for sync, resident in ((Sync(leader=True), ["a", "b"]), (Sync(leader=False, decided=["a"]), ["b"])):
+            memset = MemorySet(16)
+            served = ServedMemories(ServedModel("fp-unit", 4, 16, 8), settings, on_load=memset.put,
+                                    on_unload=lambda name, _r, m=memset: m.pop(name), grace_s=3600.0)
+            worker = WorkerMemories(served, memset, runner, sync=sync)
+            worker.boundary()
+            served.swap(MemoryRef("b"))
+            worker.boundary()
+            assert sync.offered == [[] if sync.leader else None], "the leader offers its choice, the others none"
+            assert sorted(memset.names) == resident, "the leader's grace period holds; a follower rank obeys it"
+            served.close()
     finally:
         s.close()
         stop_embedded_redis(root)
