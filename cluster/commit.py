@@ -51,6 +51,18 @@ def is_calibrated(config: dict) -> bool:
     return bool((config or {}).get("calibrate"))
 
 
+CALIBRATED_ATTEMPTS = 3  # a calibrated commit recalibrates and retries when an adapter retrain lands meanwhile
+
+
+def calibrated_through(router: dict | None, patch: dict | None) -> dict | None:
+    """`router_expect` for committing a recalibrated `patch`: the REP adapter entry of the config the threshold
+    was chosen with must still be the head's, else a retrain committed meanwhile and the threshold does not fit
+    its adapter (`CommitConflictError`; recalibrate). None when `patch` sets no threshold."""
+    if not patch or "threshold" not in patch:
+        return None
+    return {"robust_keys": (router or {}).get("robust_keys")}
+
+
 def open_store(store: str | None = None, redis_url: str | None = None):
     from store import MemoryStore
 
@@ -159,13 +171,24 @@ def commit_edits(editor, table: pa.Table, memory: str, store: str | None, redis_
     Returns {"memory", "version", "store", "threshold"} (+ "calibration" for a calibrated memory).
     Raises the store's errors (mismatched spec or router, unreachable Redis) before anything is written.
     """
+    from store import CommitConflictError
+
     requests = dict(zip(table.column("edit_id").to_pylist(), records)) if records else None
     with open_store(store, redis_url) as st:
-        have = ensure_memory(st, memory, editor.spec, router, threshold)
-        stats = memory_stats(st, editor.spec, have)
-        update = calibrated_router(editor, st, memory, table, requests, stats) if is_calibrated(have) else None
-        update = {**(update or {}), **(stats_patch(editor, st, have) or {})} or None
-        v = st.commit(memory, add=table, message=f"edit run: {table.num_rows} edits", job_id=job_id, router_patch=update)
+        for attempt in range(1, CALIBRATED_ATTEMPTS + 1):
+            have = ensure_memory(st, memory, editor.spec, router, threshold)
+            stats = memory_stats(st, editor.spec, have)
+            update = calibrated_router(editor, st, memory, table, requests, stats) if is_calibrated(have) else None
+            expect = calibrated_through(have, update)
+            update = {**(update or {}), **(stats_patch(editor, st, have) or {})} or None
+            try:
+                v = st.commit(memory, add=table, message=f"edit run: {table.num_rows} edits", job_id=job_id,
+                              router_patch=update, router_expect=expect)
+                break
+            except CommitConflictError:  # a new REP adapter landed while calibrating: nothing written, again
+                if attempt == CALIBRATED_ATTEMPTS:
+                    raise
+                log.info("memory %r: its robust keys changed while calibrating; calibrating again", memory)
     cfg = {**have, **(update or {})}
     out = {"memory": memory, "version": v.version, "store": st.root, "threshold": cfg.get("threshold")}
     if "calibration" in cfg:

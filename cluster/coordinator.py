@@ -620,11 +620,28 @@ class _JobRun:
         """Commit computed rows to the memory (skipping edit_ids it already holds) and schedule their evaluation."""
         from store import StoreError, StoreUnavailableError
 
+        from cluster.commit import CALIBRATED_ATTEMPTS, calibrated_through
+        from store import CommitConflictError
+
         indices = [i for b, _ in results for i in b.indices]
         try:
-            v = self.coord.store.commit(self.spec.memory, add=table, job_id=self.job_id, skip_existing=True,
-                                        message=f"job {self.job_id}: {len(indices)} edits",
-                                        router_patch=self.router_patch(table, indices))
+            for attempt in range(1, CALIBRATED_ATTEMPTS + 1):
+                router = self.coord.store.info(self.spec.memory).router  # what the threshold is calibrated through
+                patch = self.router_patch(table, indices)
+                expect = calibrated_through(router, patch)
+                if attempt == CALIBRATED_ATTEMPTS and expect is not None:  # retrains keep landing: keep the edits,
+                    patch = {k: x for k, x in patch.items() if k not in ("threshold", "calibration")} or None
+                    expect = None  # and the threshold the last retrain chose through its own adapter
+                try:
+                    v = self.coord.store.commit(self.spec.memory, add=table, job_id=self.job_id, skip_existing=True,
+                                                message=f"job {self.job_id}: {len(indices)} edits",
+                                                router_patch=patch, router_expect=expect)
+                    break
+                except CommitConflictError:  # a REP adapter retrain committed while calibrating: nothing written
+                    if attempt == CALIBRATED_ATTEMPTS:
+                        raise
+                    log.info("job %s: the robust keys of %r changed while calibrating; calibrating again",
+                             self.job_id, self.spec.memory)
         except StoreUnavailableError:
             raise
         except StoreError as exc:
@@ -685,7 +702,13 @@ class _JobRun:
         if self.version is None or self.cancelled:
             return
         info = self.coord.store.info(self.spec.memory)
-        if not retrain_due(info.router, info.n_rows):
+        try:
+            due = retrain_due(info.router, info.n_rows)
+        except (TypeError, ValueError) as exc:  # a hand-patched config; the job's edits stand
+            log.warning("job %s: the robust-keys config of %r is not valid, no retrain: %s", self.job_id,
+                        self.spec.memory, exc)
+            return
+        if not due:
             return
         self.coord.jobs.update(self.job_id, stage="robust_keys")
         self.event("robust_keys", 0, info.n_rows)
@@ -711,9 +734,12 @@ class _JobRun:
                 self.spec.editor_overrides(), records), max_attempts=1, poll=self.coord.config.poll_seconds,
                 on_tick=tick, on_dispatch=lambda _, slot: dispatched.append(slot),
                 item_timeout=self.coord.config.actor_timeout)
-        except _Abandoned as why:
+        except (_Abandoned, _LeaseLost) as why:
             for slot in dispatched[-1:]:
                 pool.replace(slot)  # its retrain dies with it: nothing can commit later
+            if isinstance(why, _LeaseLost):  # another coordinator owns the job now
+                metric.labels("failed").inc()
+                raise
             out = Outcome(self.spec.memory, error=RuntimeError(f"abandoned: {why}"))
         if out.error is not None:  # the edits are committed; replicas keep routing through the old adapter
             log.warning("job %s: retraining the robust keys of %r failed, adapter unchanged: %s", self.job_id,

@@ -42,8 +42,9 @@ def match_records(table, records) -> tuple[list[int], list]:
     for n, r in enumerate(records):
         i = exact.get((r.prompt, r.subject, r.target_new), loose.get((r.prompt, r.subject)))
         if i is None:
-            raise EditRecordError(n, "prompt", f"({r.prompt!r}, subject {r.subject!r}) has no row in the memory",
-                                  case_id=getattr(r, "case_id", None))
+            where = r.where(n) if hasattr(r, "where") else {"index": n, "case_id": getattr(r, "case_id", None)}
+            raise EditRecordError(field="prompt", reason=f"({r.prompt!r}, subject {r.subject!r}) has no row in the "
+                                  "memory", **where)
         rows.append(i)
         reqs.append(r)
     return rows, reqs
@@ -59,15 +60,18 @@ KEEP = "keep"  # `train_robust_keys(retrain_growth=KEEP)`: the memory's current 
 
 
 def retrain_due(router: dict | None, n_rows: int) -> bool:
-    """True when the memory's adapter retrains itself (`"retrain_growth"` in its config), the memory now
-    holds that share more rows than the adapter was trained on, and no more than `"retrain_max_rows"`
-    (default `RETRAIN_MAX_ROWS`). Rows are counted, not compared: rows deleted and replaced by as many new
-    ones do not trigger a retrain."""
+    """True when the memory's adapter retrains itself (`"retrain_growth"` in its config) and the memory now
+    holds that share more rows than the adapter was trained on, or has grown to `"retrain_max_rows"`
+    (default `RETRAIN_MAX_ROWS`; null: no cap), but not past it (an adapter trained on 900 rows retrains once at
+    1,000, not never). Rows are counted, not compared: rows deleted and replaced by as many new ones do not
+    trigger a retrain."""
     rk = (router or {}).get("robust_keys") or {}
     growth, trained = rk.get("retrain_growth"), rk.get("rows")
-    if not growth or not trained or n_rows > rk.get("retrain_max_rows", RETRAIN_MAX_ROWS):
+    cap = rk.get("retrain_max_rows", RETRAIN_MAX_ROWS)
+    if not growth or not trained or n_rows <= trained or (cap is not None and n_rows > cap):
         return False
-    return n_rows - trained >= growth * trained
+    goal = trained * (1 + growth)
+    return n_rows >= (goal if cap is None else min(goal, cap))
 
 
 def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 0, negative_text: str | None = None,
@@ -85,9 +89,11 @@ def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 
     A calibrated memory gets its threshold re-chosen through the new adapter in the same version.
     The commit is conditional on the memory's adapter entry being the one read here: a removal or another
     retrain meanwhile wins (`CommitConflictError`, nothing committed). Rows added meanwhile are kept and
-    count as growth. Returns {"memory", "version", "artifact", "rows", "rephrased_rows", "threshold", "seconds"}.
+    count as growth; a threshold a job calibrated meanwhile (through the old adapter) is re-chosen through
+    the new one before committing, so the two always match. Returns {"memory", "version", "artifact", "rows", "rephrased_rows", "threshold", "seconds"}.
     """
-    from cluster.commit import calibrated_router, memory_stats
+    from cluster.commit import CALIBRATED_ATTEMPTS, calibrated_router, memory_stats
+    from store import CommitConflictError
     from editing.records import EditRequest
     from editing.rep import ARTIFACT_KIND, RobustKeyHparams, fit_robust_keys
     from editing.stats import corpus_half, default_corpus_path
@@ -133,9 +139,19 @@ def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 
     patch = {"robust_keys": {"artifact": key, **adapter.config(), "rows": len(ids), "trained_on_version": info.version,
                              "rephrases": rkey, "steps": hp.steps, "retrain_growth": retrain_growth,
                              "retrain_max_rows": (current or {}).get("retrain_max_rows", RETRAIN_MAX_ROWS)}}
-    patch.update(calibrated_router(editor, st, memory, table.slice(0, 0), adapter=adapter) or {})
-    v = st.commit(memory, router_patch=patch, router_expect={"robust_keys": current},
-                  message=message or f"robust keys trained on {len(ids)} rows ({len(rephrases)} with rephrasings)")
+    for attempt in range(1, CALIBRATED_ATTEMPTS + 1):
+        head = st.info(memory).router  # the threshold is chosen on the rows and config read from here on
+        expect = {"robust_keys": current, "threshold": head.get("threshold"), "calibration": head.get("calibration")}
+        patch.update(calibrated_router(editor, st, memory, table.slice(0, 0), adapter=adapter) or {})
+        try:
+            v = st.commit(memory, router_patch=patch, router_expect=expect,
+                          message=message or f"robust keys trained on {len(ids)} rows ({len(rephrases)} with rephrasings)")
+            break
+        except CommitConflictError:
+            if attempt == CALIBRATED_ATTEMPTS or st.info(memory).router.get("robust_keys") != current:
+                raise  # another adapter (or its removal) won; or jobs keep recalibrating: the next job retries
+            log.info("memory %r: a job recalibrated its threshold meanwhile; calibrating through the new adapter "
+                     "again", memory)
     seconds = round(time.perf_counter() - t0, 2)
     log.info("memory %r v%d: robust keys %s (%d rows, %d rephrased, %.1fs)", memory, v.version, key, len(ids),
              len(rephrases), seconds)

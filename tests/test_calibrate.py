@@ -223,3 +223,57 @@ def test_sequential_eval_recalibrates_after_every_batch(smol, cf_valid):
         assert float(m.mem.threshold) == pytest.approx(cal.threshold)
     with pytest.raises(ValueError, match="chooses its own threshold"):
         MemoryMethod(ed, "cosine", threshold=0.5, calibration=cfg)
+
+
+def test_a_threshold_always_matches_the_adapter_it_was_chosen_through(smol, tmp_path, monkeypatch):
+    """A calibrated commit and a REP retrain race on one memory: whichever lands second chose its threshold
+    through the other's adapter or rows, so it calibrates again (`router_expect`) instead of committing a
+    threshold that does not fit the adapter replicas route through."""
+    import cluster.commit as commit
+    import editing.rep as rep
+    from cluster.robust import train_robust_keys
+    from editing.records import EditRequest
+    from store import MemoryStore, stop_embedded_redis
+    from store.loadgen import synthetic_rows
+
+    root = tmp_path / "s"
+    st = MemoryStore(root)
+    try:
+        st.create("cal", smol.spec, {"name": "cosine", "threshold": 0.5, "calibrate": {"target_rate": 3e-3}})
+        st.commit("cal", synthetic_rows(smol.spec, ["a", "b"]))
+        monkeypatch.setattr(rep, "fit_robust_keys", lambda *a, **k: rep.RobustKeys(smol.spec.d_key, rank=4))
+        calls = []
+
+        def retrain_lands_during_first(editor, st, memory, table, requests=None, stats=None, adapter=None):
+            calls.append(adapter)
+            if len(calls) == 1:  # a job commits a threshold chosen through the old adapter meanwhile
+                st.commit(memory, router_patch={"threshold": 0.31, "calibration": {"by": "job"}})
+            return {"threshold": [0.41, 0.42][len(calls) - 1], "calibration": {"by": "retrain"}}
+
+        monkeypatch.setattr(commit, "calibrated_router", retrain_lands_during_first)
+        rephrased = {e: EditRequest(subject=f"subject {e}", prompt=f"subject {e} is located in", target_new="x",
+                                    subject_rephrases=[f"the subject {e}"]) for e in ("a", "b")}
+        out = train_robust_keys(smol, st, "cal", records_by_id=rephrased)
+        router = st.info("cal").router
+        assert len(calls) == 2 and all(a is not None for a in calls), "calibrated again, through the new adapter"
+        assert out["version"] == st.info("cal").version and router["threshold"] == out["threshold"] == 0.42
+        assert router["robust_keys"]["artifact"] == out["artifact"]
+
+        calls.clear()
+
+        def adapter_lands_during_first(editor, st, memory, table, requests=None, stats=None, adapter=None):
+            calls.append(st.info(memory).router["robust_keys"]["artifact"])
+            if len(calls) == 1:  # a retrain commits a new adapter while this commit calibrates through the old
+                st.commit(memory, router_patch={"robust_keys": {**st.info(memory).router["robust_keys"],
+                                                                "artifact": "f" * 24}})
+            return {"threshold": [0.51, 0.52][len(calls) - 1], "calibration": {"by": "commit"}}
+
+        monkeypatch.setattr(commit, "calibrated_router", adapter_lands_during_first)
+        result = commit.commit_edits(smol, synthetic_rows(smol.spec, ["c"], seed=1), "cal", str(root), None, "cosine")
+        info = st.info("cal")
+        assert calls == [out["artifact"], "f" * 24], "the second calibration reads the new adapter"
+        assert result["threshold"] == info.router["threshold"] == 0.52 and info.n_rows == 3
+        assert info.router["robust_keys"]["artifact"] == "f" * 24, "the retrain's adapter stays"
+    finally:
+        st.close()
+        stop_embedded_redis(root)
