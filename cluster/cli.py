@@ -189,17 +189,35 @@ def edit_robust_keys(
                 return
             records = load_records(data_file(data), limit=limit, offset=offset) if data else []
             info = st.info(memory)
-            if not data and not read_rephrases(st, info.router, f"memory {memory!r} v{info.version}"):
+            known = read_rephrases(st, info.router, f"memory {memory!r} v{info.version}")
+            from_jobs = _job_records(st, memory, redis_url, set(known))
+            if not data and not known and not from_jobs:
                 fail(f"memory {memory!r} has no stored rephrasings to retrain on; give --data with the records of "
                      "its edits (or --remove)")
             editor = Editor.load(model, layer=info.spec.layer)
             trained = (info.router.get("robust_keys") or {}).get("steps", RobustKeyHparams.steps)
             hp = None if rank is None and steps is None else RobustKeyHparams(rank=rank, steps=steps or trained)
-            result = train_robust_keys(editor, st, memory, records, hp, seed=seed,
+            result = train_robust_keys(editor, st, memory, records, hp, seed=seed, records_by_id=from_jobs,
                                        retrain_growth=KEEP if retrain_growth is None else retrain_growth or None)
     except (EditRecordError, FileNotFoundError, ModelNotFoundError, ValueError, StoreError) as exc:
         fail(str(exc))
     emit(result, as_json)
+
+
+def _job_records(st, memory: str, redis_url: str | None, known: set[str]) -> dict:
+    """The records of `memory`'s rows added by jobs whose rephrasings were never stored, from the job store
+    (`cluster.robust.records_of_rows`, as the coordinator's retrain reads them); {} with a warning when the
+    job store cannot be reached (then only stored rephrasings and --data train)."""
+    from cluster.jobs import JobStore, QueueUnavailableError
+    from cluster.robust import records_of_rows
+
+    try:
+        jobs = JobStore.connect(redis_url, store_root=st.root)
+        return records_of_rows(jobs, st.load(memory)[1], known)
+    except QueueUnavailableError as exc:
+        logging.getLogger(__name__).warning("job store unreachable (%s): rows added by jobs since the last retrain train without their "
+                    "rephrasings unless --data gives them", exc)
+        return {}
 
 
 @app.command("generate")

@@ -310,8 +310,6 @@ class ActorPool:
             if not flights:
                 break
             done, _ = ray.wait(list(flights), num_returns=1, timeout=poll)
-            if on_tick:
-                on_tick()
             for ref in done:
                 fl = flights.pop(ref)
                 seconds = time.perf_counter() - fl.started
@@ -333,6 +331,8 @@ class ActorPool:
                 yield Outcome(fl.item, value=value, attempts=fl.attempts, seconds=seconds, slot=fl.slot.index)
             if item_timeout is not None:
                 yield from self._expire(queue, flights, item_timeout, max_attempts)
+            if on_tick and (queue or flights):  # after the finished items are read: a tick that raises (a
+                on_tick()                        # stopping consumer) never discards a result already in hand
 
     def _expire(self, queue, flights, item_timeout: float, max_attempts: int) -> Iterator[Outcome]:
         """Kill and replace the actors of items running longer than `item_timeout`; retry or fail the items."""

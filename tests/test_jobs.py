@@ -250,6 +250,11 @@ def test_retrain_is_due_on_growth_up_to_the_row_cap():
     assert retrain_due(rk, RETRAIN_MAX_ROWS) and not retrain_due(rk, RETRAIN_MAX_ROWS + 1)
     capped = {"robust_keys": {**rk["robust_keys"], "retrain_max_rows": 130}}
     assert retrain_due(capped, 130) and not retrain_due(capped, 131)
+    near = {"robust_keys": {"rows": 120, "retrain_growth": 0.25, "retrain_max_rows": 130}}
+    assert not retrain_due(near, 129) and retrain_due(near, 130), "trained near the cap: retrained once at the cap"
+    assert not retrain_due({"robust_keys": {"rows": 130, "retrain_growth": 0.25, "retrain_max_rows": 130}}, 130)
+    uncapped = {"robust_keys": {**rk["robust_keys"], "retrain_max_rows": None}}
+    assert retrain_due(uncapped, 10 ** 6) and not retrain_due(uncapped, 124), "null: no cap (as `memory show` says)"
 
 
 def test_actor_killed_mid_batch_batch_is_retried(coord, raw_records):
@@ -496,6 +501,18 @@ def test_a_hung_actor_is_replaced_and_its_item_retried(env, tmp_path):
                           max_attempts=1)
         assert isinstance(out.error, PoolError) and "did not finish within 3s" in str(out.error)
         assert pool.restarts == 2
+
+        import ray
+
+        refs = []
+
+        def stop_once_finished() -> None:  # a consumer that stops (coordinator shutdown) as the item finishes
+            if refs and ray.wait(refs, timeout=0)[0]:
+                raise RuntimeError("stopping")
+
+        submit = lambda actor, item: refs.append(actor.work.remote(item, marker)) or refs[-1]  # noqa: E731
+        (out,) = pool.run(["c"], submit, poll=30, on_tick=stop_once_finished)
+        assert out.value == "C", "a finished item is read before the tick that would abandon it"
     finally:
         pool.shutdown()
 
@@ -583,3 +600,23 @@ def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records
     metrics = coord.metrics.render().decode()
     assert 'kvedit_robust_keys_retrains_total{result="ok"} 2.0' in metrics
     assert 'kvedit_robust_keys_retrains_total{result="failed"} 1.0' in metrics
+
+    # a job too small to retrain (9 -> 10 rows), then a retrain by hand without --data: the job's row trains
+    # with its rephrasings, read back from the job store as the coordinator would
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    tail = _spec(raw_records[9:10], "rk", job_id="rk-6", threshold=0.5)
+    coord.jobs.submit(tail)
+    _run(coord, tail.job_id)
+    assert coord.jobs.get(tail.job_id).robust_keys_version is None
+    res = CliRunner().invoke(app, ["edit", "robust-keys", "--memory", "rk", "--store", coord.store.root,
+                                   "--redis-url", coord.config.redis_url, "--steps", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    rk = coord.store.info("rk").router["robust_keys"]
+    stored = json.loads(coord.store.get_artifact(REPHRASES_KIND, rk["rephrases"])[0])
+    from cluster.jobs import job_edit_id
+
+    expected = load_records(data_file("counterfact_valid.json"), limit=10)[9].subject_rephrases
+    assert rk["rows"] == 10 and expected and stored[job_edit_id(tail.job_id, 0)] == expected, "the tail job's rephrasings"
