@@ -213,7 +213,10 @@ def _job_records(st, memory: str, redis_url: str | None, known: set[str]) -> dic
 
     try:
         jobs = JobStore.connect(redis_url, store_root=st.root)
-        return records_of_rows(jobs, st.load(memory)[1], known)
+        try:
+            return records_of_rows(jobs, st.load(memory)[1], known)
+        finally:
+            jobs.client.close()
     except QueueUnavailableError as exc:
         logging.getLogger(__name__).warning("job store unreachable (%s): rows added by jobs since the last retrain train without their "
                     "rephrasings unless --data gives them", exc)

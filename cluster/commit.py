@@ -178,7 +178,9 @@ def commit_edits(editor, table: pa.Table, memory: str, store: str | None, redis_
         for attempt in range(1, CALIBRATED_ATTEMPTS + 1):
             have = ensure_memory(st, memory, editor.spec, router, threshold)
             stats = memory_stats(st, editor.spec, have)
-            update = calibrated_router(editor, st, memory, table, requests, stats) if is_calibrated(have) else None
+            # retrains keep landing: the last attempt keeps the edits and the threshold the last retrain chose
+            calibrate = is_calibrated(have) and attempt < CALIBRATED_ATTEMPTS
+            update = calibrated_router(editor, st, memory, table, requests, stats) if calibrate else None
             expect = calibrated_through(have, update)
             update = {**(update or {}), **(stats_patch(editor, st, have) or {})} or None
             try:

@@ -601,6 +601,7 @@ class _JobRun:
             self.commit([(batch, out.value)], table)
             done_before += 1
             self.coord.jobs.update(self.job_id, batches_done=done_before)
+        self.tick()  # a cancel (or a lost lease) in the last poll window is seen before the all-or-nothing commit
         # Records of batches never started are left pending: finish() marks them cancelled or skipped.
         for i, s in self.statuses.items():
             if s.get("status") == RecordState.RUNNING:
@@ -627,11 +628,9 @@ class _JobRun:
         try:
             for attempt in range(1, CALIBRATED_ATTEMPTS + 1):
                 router = self.coord.store.info(self.spec.memory).router  # what the threshold is calibrated through
-                patch = self.router_patch(table, indices)
+                # retrains keep landing: the last attempt keeps the edits and the threshold the last retrain chose
+                patch = self.router_patch(table, indices, calibrate=attempt < CALIBRATED_ATTEMPTS)
                 expect = calibrated_through(router, patch)
-                if attempt == CALIBRATED_ATTEMPTS and expect is not None:  # retrains keep landing: keep the edits,
-                    patch = {k: x for k, x in patch.items() if k not in ("threshold", "calibration")} or None
-                    expect = None  # and the threshold the last retrain chose through its own adapter
                 try:
                     v = self.coord.store.commit(self.spec.memory, add=table, job_id=self.job_id, skip_existing=True,
                                                 message=f"job {self.job_id}: {len(indices)} edits",
@@ -660,11 +659,11 @@ class _JobRun:
         self.event("optimise", self.count(RecordState.COMMITTED), len(self.spec.records))
         self.submit_evaluation(indices, v.version)
 
-    def router_patch(self, table: pa.Table, indices: list[int]) -> dict | None:
-        """The router-config patch of this commit: the recalibrated threshold (calibrated memories), and for a
-        whitened memory that names no statistics yet the C0 artifact the job built (`"stats"`), which
-        replicas load to route (named once, never re-pointed)."""
-        patch = self.calibrated_router(table, indices) or {}
+    def router_patch(self, table: pa.Table, indices: list[int], calibrate: bool = True) -> dict | None:
+        """The router-config patch of this commit: the recalibrated threshold (calibrated memories, unless not
+        `calibrate`), and for a whitened memory that names no statistics yet the C0 artifact the job built
+        (`"stats"`), which replicas load to route (named once, never re-pointed)."""
+        patch = (self.calibrated_router(table, indices) if calibrate else None) or {}
         if self.spec.router == "whitened" and self.stats_key \
                 and not self.coord.store.info(self.spec.memory).router.get("stats"):
             patch["stats"] = self.stats_key

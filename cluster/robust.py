@@ -62,16 +62,19 @@ KEEP = "keep"  # `train_robust_keys(retrain_growth=KEEP)`: the memory's current 
 def retrain_due(router: dict | None, n_rows: int) -> bool:
     """True when the memory's adapter retrains itself (`"retrain_growth"` in its config) and the memory now
     holds that share more rows than the adapter was trained on, or has grown to `"retrain_max_rows"`
-    (default `RETRAIN_MAX_ROWS`; null: no cap), but not past it (an adapter trained on 900 rows retrains once at
-    1,000, not never). Rows are counted, not compared: rows deleted and replaced by as many new ones do not
-    trigger a retrain."""
+    (default `RETRAIN_MAX_ROWS`; null: no cap) from an adapter trained on fewer: an adapter trained on 900
+    rows retrains once the memory reaches 1,000, also when one job takes it from 990 to 1,010 (at most one
+    growth step past the cap, so a memory far larger is retrained by hand). Rows are counted, not compared:
+    rows deleted and replaced by as many new ones do not trigger a retrain."""
     rk = (router or {}).get("robust_keys") or {}
     growth, trained = rk.get("retrain_growth"), rk.get("rows")
     cap = rk.get("retrain_max_rows", RETRAIN_MAX_ROWS)
-    if not growth or not trained or n_rows <= trained or (cap is not None and n_rows > cap):
+    if not growth or not trained or n_rows <= trained:
         return False
     goal = trained * (1 + growth)
-    return n_rows >= (goal if cap is None else min(goal, cap))
+    if cap is None:
+        return n_rows >= goal
+    return trained < cap and min(goal, cap) <= n_rows <= cap * (1 + growth)
 
 
 def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 0, negative_text: str | None = None,
@@ -115,7 +118,7 @@ def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 
     rows, reqs = match_records(table, records)
     given = {ids[i]: r for i, r in zip(rows, reqs)}
     live = set(ids)
-    given.update({e: r for e, r in (records_by_id or {}).items() if e in live})
+    given.update({e: r for e, r in (records_by_id or {}).items() if e in live and e not in given})  # --data wins
     rephrases.update({e: list(r.subject_rephrases) for e, r in given.items() if r.subject_rephrases})
     rephrases = {e: rephrases[e] for e in ids if e in rephrases}  # deleted rows drop out
     if not rephrases:
@@ -142,9 +145,9 @@ def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 
     for attempt in range(1, CALIBRATED_ATTEMPTS + 1):
         head = st.info(memory).router  # the threshold is chosen on the rows and config read from here on
         expect = {"robust_keys": current, "threshold": head.get("threshold"), "calibration": head.get("calibration")}
-        patch.update(calibrated_router(editor, st, memory, table.slice(0, 0), adapter=adapter) or {})
+        calibrated = calibrated_router(editor, st, memory, table.slice(0, 0), adapter=adapter) or {}
         try:
-            v = st.commit(memory, router_patch=patch, router_expect=expect,
+            v = st.commit(memory, router_patch={**patch, **calibrated}, router_expect=expect,
                           message=message or f"robust keys trained on {len(ids)} rows ({len(rephrases)} with rephrasings)")
             break
         except CommitConflictError:
@@ -156,7 +159,7 @@ def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 
     log.info("memory %r v%d: robust keys %s (%d rows, %d rephrased, %.1fs)", memory, v.version, key, len(ids),
              len(rephrases), seconds)
     return {"memory": memory, "version": v.version, "artifact": key, "rows": len(ids),
-            "rephrased_rows": len(rephrases), "threshold": patch.get("threshold", info.router.get("threshold")),
+            "rephrased_rows": len(rephrases), "threshold": calibrated.get("threshold", head.get("threshold")),
             "seconds": seconds}
 
 

@@ -135,11 +135,10 @@ class RoutedFFN(nn.Module):
             out[:cap] = buf
             return out
 
-        self.rows = grow(self.rows, 0.0)
-        self.residuals = grow(self.residuals, 0.0)
-        self.bias = grow(self.bias, float("-inf"))
-        self.gain = grow(self.gain, 0.0)
-        self.low = grow(self.low, 0.0)
+        # every buffer is allocated before any is swapped in: running out of memory leaves the layer as it was
+        rows, residuals, bias = grow(self.rows, 0.0), grow(self.residuals, 0.0), grow(self.bias, float("-inf"))
+        gain, low = grow(self.gain, 0.0), grow(self.low, 0.0)
+        self.rows, self.residuals, self.bias, self.gain, self.low = rows, residuals, bias, gain, low
         self._free = list(range(new - 1, cap - 1, -1)) + self._free
         self._update_prefilter_switch()
 

@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 RESYNC_SECONDS = 15.0  # head check while subscribed (missed notifications)
 MAX_BACKOFF_SECONDS = 30.0  # longest wait between Redis reconnection attempts (at most 10 polls)
 MAX_PENDING = 8  # staged deltas beyond this are collapsed into one snapshot
+MAX_APPLY_FAILURES = 5  # a version that fails to apply this many times in a row stops following (restart the replica)
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,9 @@ class MemoryFollower:
         self._adapter_key: str | None = None  # artifact of the last REP adapter read, and the module
         self._adapter: torch.nn.Module | None = None
         self._problem_version: int | None = None  # the last version refused by `_unservable`
-        self._resync = threading.Event()  # re-stage from the loaded version at the watcher's next turn
+        self._resync_at: float | None = None  # re-stage from the loaded version at the watcher's turn after this
+        self._apply_failures = 0  # consecutive failed applies of `_failing_version` (backoff, then blocked)
+        self._failing_version: int | None = None
 
     # ------------------------------------------------------------------ reading the store
     def _with_adapter(self, u: StagedUpdate) -> StagedUpdate:
@@ -486,8 +489,9 @@ class MemoryFollower:
                     r.apply(u.added_ids, keys, u.residuals, deleted, version=u.version)
                 except (RuntimeError, ValueError) as exc:  # out of memory, rows the router refuses: unchanged
                     self._restage(f"memory {self.name!r}: v{u.version} could not be applied ({exc}); serving "
-                                  f"v{r.version} and trying again")
+                                  f"v{r.version}", failed=u.version)
                     break
+                self._apply_failures, self._failing_version = 0, None
                 thr = (u.router or {}).get("threshold")
                 r.threshold.fill_(r.router.default_threshold if thr is None else float(thr))
                 r.query_adapter = u.query_adapter
@@ -501,14 +505,37 @@ class MemoryFollower:
                         u.staged_at - (u.committed_at or u.staged_at), t0 - u.staged_at, now - t0)
         return bool(applied)
 
-    def _restage(self, message: str) -> None:
+    def _restage(self, message: str, failed: int | None = None) -> None:
         """A staged version did not apply and left the layer as it was: drop what is staged (later deltas
-        build on it) and have the watcher stage again from the loaded version. Under `routed.lock`."""
+        build on it) and have the watcher stage again from the loaded version. Under `routed.lock`.
+
+        `failed`: the version whose apply raised. It is tried again after a backoff that doubles from
+        `poll_seconds` (up to `max_backoff`); after `MAX_APPLY_FAILURES` failures in a row the replica
+        stops following (`blocked_version`) and keeps serving what it has. A newer commit is tried at once.
+        """
+        delay = 0.0
+        if failed is not None:
+            self._apply_failures = self._apply_failures + 1 if failed == self._failing_version else 1
+            self._failing_version = failed
+            if self._apply_failures >= MAX_APPLY_FAILURES:
+                message += f"; {self._apply_failures} failures in a row: not following any more (restart the replica)"
+                self.blocked_version = failed
+            else:
+                delay = min(self.max_backoff, self.poll_seconds * 2 ** (self._apply_failures - 1))
+                message += f"; trying again in {delay:.1f}s"
         self._fail(message)
         with self._stage_lock:
             self._pending.clear()
             self._staged_version = self.routed.version
-        self._resync.set()
+        self._resync_at = time.monotonic() + delay
+
+    def _resync_due(self) -> bool:
+        """True (once) when `_restage` asked for the versions to be staged again and its backoff is over."""
+        at = self._resync_at
+        if at is None or time.monotonic() < at:
+            return False
+        self._resync_at = None
+        return True
 
     def _refusal(self, u: StagedUpdate) -> str | None:
         """Why `u` can never be served by this replica (it stops following until restarted), or None."""
@@ -628,14 +655,15 @@ class MemoryFollower:
                 if sub is None:  # Redis down: poll the store
                     if self._stop.wait(self.poll_seconds):
                         break
-                    self.catch_up()
+                    if self._resync_at is None or self._resync_due():  # not during a failed apply's backoff
+                        self.catch_up()
                     continue
                 msg = sub.get(timeout=min(self.poll_seconds, 1.0))
-                if msg is not None and not self._resync.is_set():
+                resync = self._resync_due()
+                if msg is not None and not resync:
                     if self._is_ours(msg):
                         self.catch_up(int(msg["version"]), _timestamp(msg.get("committed_at")))
-                elif time.monotonic() >= next_resync or self._resync.is_set():
-                    self._resync.clear()
+                elif resync or (time.monotonic() >= next_resync and self._resync_at is None):
                     self.catch_up()
                     next_resync = time.monotonic() + RESYNC_SECONDS
             except (redis.RedisError, StoreUnavailableError, ConnectionError) as exc:

@@ -84,8 +84,9 @@ def _info_table(info: MemoryInfo) -> Table:
     rk = info.router.get("robust_keys")
     if isinstance(rk, dict) and "rows" in rk:  # rows committed since training route through an adapter that never saw them
         growth, cap = rk.get("retrain_growth"), rk.get("retrain_max_rows")
+        beyond = growth and cap is not None and (rk["rows"] >= cap or info.n_rows > cap * (1 + growth))  # retrain_due
         auto = ("retrained by hand only" if not growth else f"retrained by jobs at +{growth:.0%} rows"
-                + ("" if cap is None else f" up to {cap} rows" if info.n_rows <= cap else f"; too large for that (> {cap} rows)"))
+                + ("" if cap is None else f"; too large for that (cap {cap} rows)" if beyond else f" up to {cap} rows"))
         t.add_row("robust keys", f"rank {rk.get('rank')}, trained on {rk['rows']} rows at v{rk.get('trained_on_version')}; "
                   f"the memory now has {info.n_rows} ({auto}; now: kvedit edit robust-keys --memory {info.name})")
     for k, v in sorted(info.metadata.items()):

@@ -247,12 +247,15 @@ def test_retrain_is_due_on_growth_up_to_the_row_cap():
     assert not retrain_due(rk, 124) and retrain_due(rk, 125)
     assert not retrain_due({"robust_keys": {"rows": 100, "retrain_growth": None}}, 1000), "retrained by hand only"
     assert not retrain_due({}, 1000) and not retrain_due(None, 5)
-    assert retrain_due(rk, RETRAIN_MAX_ROWS) and not retrain_due(rk, RETRAIN_MAX_ROWS + 1)
+    assert retrain_due(rk, RETRAIN_MAX_ROWS) and not retrain_due(rk, int(RETRAIN_MAX_ROWS * 1.25) + 1)
     capped = {"robust_keys": {**rk["robust_keys"], "retrain_max_rows": 130}}
-    assert retrain_due(capped, 130) and not retrain_due(capped, 131)
+    assert retrain_due(capped, 130) and retrain_due(capped, 162) and not retrain_due(capped, 163), \
+        "up to one growth step past the cap (a job's batches can jump over it), not further"
     near = {"robust_keys": {"rows": 120, "retrain_growth": 0.25, "retrain_max_rows": 130}}
     assert not retrain_due(near, 129) and retrain_due(near, 130), "trained near the cap: retrained once at the cap"
-    assert not retrain_due({"robust_keys": {"rows": 130, "retrain_growth": 0.25, "retrain_max_rows": 130}}, 130)
+    assert retrain_due(near, 135), "also when a job jumps over the cap"
+    at_cap = {"robust_keys": {"rows": 130, "retrain_growth": 0.25, "retrain_max_rows": 130}}
+    assert not retrain_due(at_cap, 130) and not retrain_due(at_cap, 150), "trained at the cap: by hand from then on"
     uncapped = {"robust_keys": {**rk["robust_keys"], "retrain_max_rows": None}}
     assert retrain_due(uncapped, 10 ** 6) and not retrain_due(uncapped, 124), "null: no cap (as `memory show` says)"
 

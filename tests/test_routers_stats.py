@@ -60,6 +60,26 @@ def test_a_failed_add_leaves_the_memory_as_it_was():
         def derive_rows(self, keys):
             raise RuntimeError("cannot derive")
 
+    import editing.routed as routed_module
+
+    real_full, calls = torch.full, []
+
+    def short_of_memory(*args, **kwargs):  # the third buffer cannot be allocated
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real_full(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(routed_module.torch, "full", short_of_memory)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            mem.apply(["b", "c", "d"], _anisotropic(3, seed=6), torch.randn(3, D_MODEL), ["a"], version=4)
+    assert mem.capacity == 2 and {b.shape[0] for b in (mem.rows, mem.residuals, mem.bias, mem.gain, mem.low)} == {2}
+    assert list(mem.slots) == ["a"] and mem.version == 3, "a failed growth leaves the layer whole"
+    mem.add(["b", "c"], _anisotropic(2, seed=6), torch.randn(2, D_MODEL))  # and it can grow later
+    assert mem.capacity == 4 and sorted(mem.slots) == ["a", "b", "c"]
+    mem.delete(["b", "c"])
+
     mem.router.__class__ = Broken
     with pytest.raises(RuntimeError, match="cannot derive"):
         mem.add(["b", "c", "d"], _anisotropic(3, seed=2), torch.randn(3, D_MODEL))

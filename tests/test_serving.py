@@ -28,7 +28,7 @@ from benchmarks.serve_bench import VllmServer, free_port
 from editing.table import MemoryMismatchError, MemorySpec
 from serving.cli import memory_settings, serve, vllm_command
 from serving.fingerprint import served_fingerprint
-from serving.memory import MemoryFollower, ServedModel, build_routed, resolve_memory
+from serving.memory import MAX_APPLY_FAILURES, MemoryFollower, ServedModel, build_routed, resolve_memory
 from serving.openai_api import HEADER_MEMORY, HEADER_VERSION, ServedVersion, cache_salt
 from serving.settings import MemoryRef, MemorySettings
 from store import MemoryStore, embedded_url, stop_embedded_redis
@@ -302,6 +302,21 @@ def test_a_version_that_fails_to_apply_is_staged_again_not_lost(tmp_path, monkey
         v3 = s.delete("m", ["a"]).version
         _wait_staged(f, v3)
         assert f.step_boundary() and sorted(f.routed.slots) == ["b"] and f.blocked_version is None
+
+        def always_failing(*args, **kwargs):  # a version that can never be applied here: backoff, then stop
+            calls.append(args)
+            raise RuntimeError("CUDA out of memory")
+
+        monkeypatch.setattr(f.routed, "apply", always_failing)
+        v4 = s.commit("m", synthetic_rows(resolved.spec, ["c"], seed=2)).version
+        calls.clear()
+        deadline = time.monotonic() + 30  # backoff 0.2 + 0.4 + 0.8 + 1.6 s
+        while f.blocked_version is None:
+            assert time.monotonic() < deadline, f"still retrying after {len(calls)} failures"
+            f.step_boundary()
+            time.sleep(0.05)
+        assert f.blocked_version == v4 and len(calls) == MAX_APPLY_FAILURES and "restart" in f.last_error
+        assert f.routed.version == v3 and sorted(f.routed.slots) == ["b"], "it keeps serving what it has"
         f.close()
 
 
