@@ -218,8 +218,8 @@ def _job_records(st, memory: str, redis_url: str | None, known: set[str]) -> dic
         finally:
             jobs.client.close()
     except QueueUnavailableError as exc:
-        logging.getLogger(__name__).warning("job store unreachable (%s): rows added by jobs since the last retrain train without their "
-                    "rephrasings unless --data gives them", exc)
+        logging.getLogger(__name__).warning("job store unreachable (%s): rows added by jobs since the last retrain "
+                                            "train without their rephrasings unless --data gives them", exc)
         return {}
 
 

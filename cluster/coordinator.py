@@ -619,10 +619,8 @@ class _JobRun:
 
     def commit(self, results: list[tuple[_Batch, dict]], table: pa.Table) -> None:
         """Commit computed rows to the memory (skipping edit_ids it already holds) and schedule their evaluation."""
-        from store import StoreError, StoreUnavailableError
-
         from cluster.commit import CALIBRATED_ATTEMPTS, calibrated_through
-        from store import CommitConflictError
+        from store import CommitConflictError, StoreError, StoreUnavailableError
 
         indices = [i for b, _ in results for i in b.indices]
         try:

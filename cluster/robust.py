@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from editing.rep import RETRAIN_GROWTH, RETRAIN_MAX_ROWS, retrain_rows  # noqa: F401 - re-exported for callers
 from store.artifacts import REPHRASES_KIND, read_rephrases
 
 log = logging.getLogger(__name__)
@@ -50,31 +51,15 @@ def match_records(table, records) -> tuple[list[int], list]:
     return rows, reqs
 
 
-RETRAIN_GROWTH = 0.25  # default: retrain after a job leaves the memory 25% more rows than the adapter saw
-# Jobs retrain automatically up to this many rows (config "retrain_max_rows" overrides); larger memories are
-# retrained by hand (`kvedit edit robust-keys`), where the wait is chosen, not imposed on a job. Training time
-# grows with the rows (13 keys per row, a step scores up to `RobustKeyHparams.batch` of them against every row):
-# see benchmarks/RESULTS.md (2026-12-07, "REP retraining time").
-RETRAIN_MAX_ROWS = 1000
 KEEP = "keep"  # `train_robust_keys(retrain_growth=KEEP)`: the memory's current setting (a new adapter: the default)
 
 
 def retrain_due(router: dict | None, n_rows: int) -> bool:
-    """True when the memory's adapter retrains itself (`"retrain_growth"` in its config) and the memory now
-    holds that share more rows than the adapter was trained on, or has grown to `"retrain_max_rows"`
-    (default `RETRAIN_MAX_ROWS`; null: no cap) from an adapter trained on fewer: an adapter trained on 900
-    rows retrains once the memory reaches 1,000, also when one job takes it from 990 to 1,010 (at most one
-    growth step past the cap, so a memory far larger is retrained by hand). Rows are counted, not compared:
-    rows deleted and replaced by as many new ones do not trigger a retrain."""
-    rk = (router or {}).get("robust_keys") or {}
-    growth, trained = rk.get("retrain_growth"), rk.get("rows")
-    cap = rk.get("retrain_max_rows", RETRAIN_MAX_ROWS)
-    if not growth or not trained or n_rows <= trained:
-        return False
-    goal = trained * (1 + growth)
-    if cap is None:
-        return n_rows >= goal
-    return trained < cap and min(goal, cap) <= n_rows <= cap * (1 + growth)
+    """True when a memory of `n_rows` rows with this router config retrains its adapter after a job
+    (`editing.rep.retrain_rows`: its growth share past the rows it was trained on, up to the row cap).
+    Rows are counted, not compared: rows deleted and replaced by as many new ones do not trigger a retrain."""
+    window = retrain_rows((router or {}).get("robust_keys"))
+    return window is not None and window[0] <= n_rows <= window[1]
 
 
 def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 0, negative_text: str | None = None,
@@ -93,7 +78,8 @@ def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 
     The commit is conditional on the memory's adapter entry being the one read here: a removal or another
     retrain meanwhile wins (`CommitConflictError`, nothing committed). Rows added meanwhile are kept and
     count as growth; a threshold a job calibrated meanwhile (through the old adapter) is re-chosen through
-    the new one before committing, so the two always match. Returns {"memory", "version", "artifact", "rows", "rephrased_rows", "threshold", "seconds"}.
+    the new one before committing, so the two always match.
+    Returns {"memory", "version", "artifact", "rows", "rephrased_rows", "threshold", "seconds"}.
     """
     from cluster.commit import CALIBRATED_ATTEMPTS, calibrated_router, memory_stats
     from store import CommitConflictError

@@ -82,6 +82,36 @@ class RobustKeys(nn.Module):
 ARTIFACT_KIND = "robust_keys"  # store artifact kind of adapter weights; a memory's router config names one:
 # {"name": ..., "threshold": ..., "robust_keys": {"artifact": digest, "rank": r, "d_key": d}}
 
+RETRAIN_GROWTH = 0.25  # default: retrain after a job leaves the memory 25% more rows than the adapter saw
+# Jobs retrain automatically up to this many rows (config "retrain_max_rows" overrides); larger memories are
+# retrained by hand (`kvedit edit robust-keys`), where the wait is chosen, not imposed on a job. Training time
+# grows with the rows (13 keys per row, a step scores up to `RobustKeyHparams.batch` of them against every row):
+# see benchmarks/RESULTS.md (2026-12-07, "REP retraining time").
+RETRAIN_MAX_ROWS = 1000
+
+
+def retrain_rows(entry: dict | None) -> tuple[float, float] | None:
+    """The memory sizes (fewest, most rows) at which jobs retrain the adapter of a router-config
+    `"robust_keys"` entry, or None when they never do (retrained by hand only, or trained at the cap).
+
+    The entry holds `"rows"` (trained on), `"retrain_growth"` and `"retrain_max_rows"` (default
+    `RETRAIN_MAX_ROWS`; null: no cap). A retrain is due once the memory holds that share more rows than
+    the adapter saw, or has reached the cap: an adapter trained on 900 rows retrains at 1,000, also when
+    one job takes the memory from 990 to 1,010 (at most one growth step past the cap).
+    """
+    if not isinstance(entry, dict):
+        return None
+    growth, trained = entry.get("retrain_growth"), entry.get("rows")
+    if not growth or not trained:
+        return None
+    cap = entry.get("retrain_max_rows", RETRAIN_MAX_ROWS)
+    goal = trained * (1 + growth)
+    if cap is None:
+        return goal, math.inf
+    if trained >= cap:
+        return None
+    return min(goal, cap), cap * (1 + growth)
+
 
 @dataclass
 class RobustKeyHparams:

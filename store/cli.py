@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from editing.rep import RETRAIN_MAX_ROWS, retrain_rows
 from editing.table import MemoryMismatchError
 
 from .errors import StoreError
@@ -83,10 +84,11 @@ def _info_table(info: MemoryInfo) -> Table:
         t.add_row("recall (est.)", f"{gate['recall']:.3f} ({gate.get('objective')})")
     rk = info.router.get("robust_keys")
     if isinstance(rk, dict) and "rows" in rk:  # rows committed since training route through an adapter that never saw them
-        growth, cap = rk.get("retrain_growth"), rk.get("retrain_max_rows")
-        beyond = growth and cap is not None and (rk["rows"] >= cap or info.n_rows > cap * (1 + growth))  # retrain_due
+        growth, cap = rk.get("retrain_growth"), rk.get("retrain_max_rows", RETRAIN_MAX_ROWS)
+        window = retrain_rows(rk)  # the rule jobs follow (`cluster.robust.retrain_due`)
         auto = ("retrained by hand only" if not growth else f"retrained by jobs at +{growth:.0%} rows"
-                + ("" if cap is None else f"; too large for that (cap {cap} rows)" if beyond else f" up to {cap} rows"))
+                + ("" if cap is None else f"; too large for that (cap {cap} rows)"
+                   if window is None or info.n_rows > window[1] else f" up to {cap} rows"))
         t.add_row("robust keys", f"rank {rk.get('rank')}, trained on {rk['rows']} rows at v{rk.get('trained_on_version')}; "
                   f"the memory now has {info.n_rows} ({auto}; now: kvedit edit robust-keys --memory {info.name})")
     for k, v in sorted(info.metadata.items()):
