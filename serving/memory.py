@@ -212,17 +212,22 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
+def default_capacity(n_rows: int) -> int:
+    """Slots of a routed layer whose buffers can grow: the next power of two holding n_rows (at least 64)."""
+    return next_pow2(max(64, n_rows))
+
+
 def build_routed(resolved: ResolvedMemory, capacity: int | None = None, shard: KeyShard | None = None,
                  device: torch.device | str | None = None) -> RoutedFFN:
     """An empty RoutedFFN for the memory's router and sizes (this rank's key slice under TP).
 
-    Default capacity: the next power of two holding the start version's rows (at least 64).
+    Default capacity: `default_capacity` of the start version's rows.
     """
     router, threshold = make_memory_router(resolved.info.router, resolved.spec, resolved.store)
     if shard is not None:
         router = ShardedRouter(router, shard)
     d_key = resolved.spec.d_key if shard is None else shard.end - shard.start
-    cap = capacity or next_pow2(max(64, resolved.info.n_rows))
+    cap = capacity or default_capacity(resolved.info.n_rows)
     routed = RoutedFFN(router, d_key, resolved.spec.d_model, capacity=cap, threshold=threshold, device=device)
     routed.float()  # fp32 memory and threshold whatever the model's default dtype (bool/long buffers stay)
     routed.memory_name = resolved.name

@@ -49,9 +49,11 @@ from serving.memory import (
     KeyShard,
     MemoryFollower,
     ServedModel,
+    ResolvedMemory,
     StagedUpdate,
-    next_pow2,
     build_routed,
+    default_capacity,
+    next_pow2,
     resolve_memory,
 )
 from serving.settings import ENV_PREFIX_SALT, MemorySettings
@@ -98,6 +100,22 @@ class _TensorParallelSync:
         if not int(flag[0]):
             return []
         return self.share(updates)
+
+
+def agreed_capacity(resolved: ResolvedMemory, requested: int | None, fixed: bool,
+                    tp: _TensorParallelSync | None) -> int:
+    """Slots for a memory's routed layer; under TP, rank 0's figure on every rank.
+
+    `requested` (KVEDIT_CAPACITY) wins; buffers that cannot grow (`fixed`: compiled graphs hold their
+    addresses) get room for twice the start version's rows. Each rank resolves the memory itself, so a commit
+    landing between two ranks' reads would give them different row counts, hence different buffer shapes,
+    and the all-reduced partial scores [T, capacity] must agree (a mismatch fails or hangs the collective).
+    """
+    capacity = requested
+    if capacity is None:
+        n = resolved.info.n_rows
+        capacity = max(FIXED_CAPACITY_DEFAULT, next_pow2(2 * n)) if fixed else default_capacity(n)
+    return capacity if tp is None else tp.share(capacity)
 
 
 class WorkerMemory:
@@ -227,16 +245,15 @@ class KveditModelMixin:
             shard = KeyShard(rank * d_local, (rank + 1) * d_local,
                              lambda t: tensor_model_parallel_all_gather(t, dim=-1))
         fixed = not model_config.enforce_eager
-        capacity = settings.capacity
-        if capacity is None and fixed:
-            capacity = max(FIXED_CAPACITY_DEFAULT, next_pow2(2 * resolved.info.n_rows))
+        sync = _TensorParallelSync() if tp > 1 else None
+        capacity = agreed_capacity(resolved, settings.capacity, fixed, sync)
         routed = build_routed(resolved, capacity=capacity, shard=shard)
         if tp > 1:
             routed.reduce = tensor_model_parallel_all_reduce
         layer.mlp = RoutedMLP(mlp, routed)
         follower = MemoryFollower(resolved, routed, poll_seconds=settings.poll_seconds, shard=shard,
                                   fixed_capacity=fixed, watch=rank == 0)
-        self.kvedit = WorkerMemory(follower, _TensorParallelSync() if tp > 1 else None, layer, mlp)
+        self.kvedit = WorkerMemory(follower, sync, layer, mlp)
         logger.info("routing layer %d through memory %r (from v%d, capacity %d%s)", resolved.spec.layer,
                     resolved.name, resolved.info.version, routed.capacity, ", fixed" if fixed else "")
 

@@ -42,10 +42,10 @@ from vllm.model_executor.models.utils import PPMissingLayer
 from editing.multi import NO_MEMORY, MemorySet
 from serving.errors import MemoryMismatchError, ServingConfigError, UnsupportedArchitectureError
 from serving.fingerprint import served_fingerprint
-from serving.memory import KeyShard, MemoryFollower, ResolvedMemory, ServedModel, build_routed, next_pow2
+from serving.memory import KeyShard, MemoryFollower, ResolvedMemory, ServedModel, build_routed
 from serving.memory_set import RETIRE_GRACE_S, ServedMemories, admin_error, check_start_memories
 from serving.settings import ENV_PREFIX_SALT, MemoryRef, MemorySettings
-from serving.vllm_models import FIXED_CAPACITY_DEFAULT, RoutedMLP, WorkerMemory, _TensorParallelSync
+from serving.vllm_models import RoutedMLP, WorkerMemory, _TensorParallelSync, agreed_capacity
 from serving.vllm_worker import KveditWorkerExtension
 
 logger = logging.getLogger(__name__)
@@ -241,9 +241,7 @@ def attach_memories(model: nn.Module, vllm_config: VllmConfig, settings: MemoryS
     fixed = not vllm_config.model_config.enforce_eager
 
     def open_memory(resolved: ResolvedMemory) -> tuple[MemoryFollower, WorkerMemory]:
-        capacity = settings.capacity
-        if capacity is None and fixed:
-            capacity = max(FIXED_CAPACITY_DEFAULT, next_pow2(2 * resolved.info.n_rows))
+        capacity = agreed_capacity(resolved, settings.capacity, fixed, sync)
         routed = build_routed(resolved, capacity=capacity, shard=shard, device=memset.token_memory.device)
         if tp > 1:
             routed.reduce = tensor_model_parallel_all_reduce

@@ -28,7 +28,7 @@ from benchmarks.serve_bench import VllmServer, free_port
 from editing.table import MemoryMismatchError, MemorySpec
 from serving.cli import memory_settings, serve, vllm_command
 from serving.fingerprint import served_fingerprint
-from serving.memory import MAX_APPLY_FAILURES, MemoryFollower, ServedModel, build_routed, resolve_memory
+from serving.memory import MAX_APPLY_FAILURES, KeyShard, MemoryFollower, ServedModel, build_routed, resolve_memory
 from serving.openai_api import HEADER_MEMORY, HEADER_VERSION, ServedVersion, cache_salt
 from serving.settings import MemoryRef, MemorySettings
 from store import MemoryStore, embedded_url, stop_embedded_redis
@@ -433,7 +433,7 @@ def test_tensor_parallel_ranks_share_versions_with_their_own_adapter_columns(tmp
     import pickle
 
     from editing.rep import ARTIFACT_KIND, RobustKeys
-    from serving.memory import KeyShard, ShardedAdapter
+    from serving.memory import ShardedAdapter
     from serving.vllm_models import WorkerMemory
 
     spec = MemorySpec("fp-unit", 2, 16, 8)
@@ -495,6 +495,44 @@ def test_tensor_parallel_ranks_share_versions_with_their_own_adapter_columns(tmp
     finally:
         for w in ranks:
             w.follower.close()
+        s.close()
+        stop_embedded_redis(root)
+
+
+def test_tensor_parallel_ranks_agree_on_the_capacity_of_a_memory_that_grew_between_their_reads(tmp_path):
+    """Each TP rank resolves the memory itself; a commit landing between two ranks' reads must not give them
+    buffers of different shapes (their partial scores [T, capacity] are all-reduced): rank 0's capacity wins."""
+    from serving.vllm_models import FIXED_CAPACITY_DEFAULT, agreed_capacity
+
+    spec = MemorySpec("fp-unit", 2, 16, 8)
+    root = tmp_path / "s"
+    s = MemoryStore(root)
+    try:
+        s.create("m", spec, {"name": "cosine"})
+        s.commit("m", synthetic_rows(spec, ["a", "b"]))
+        settings = MemorySettings(MemoryRef("m"), store=str(root), redis_url=embedded_url(root))
+        served = ServedModel("fp-unit", 4, 16, 8)
+        first = resolve_memory(settings, served)  # rank 0 reads v1 (2 rows) ...
+        s.commit("m", synthetic_rows(spec, [f"c{i}" for i in range(3000)], seed=1))
+        second = resolve_memory(settings, served)  # ... rank 1 reads v2 (3002 rows)
+        for fixed in (False, True):
+            own = [agreed_capacity(r, None, fixed, None) for r in (first, second)]
+            assert own[0] != own[1], "on its own, each rank would size its buffers from its own read"
+            offered = []
+
+            class Sync:  # torch.distributed's broadcast_object: rank 0's object on every rank
+                def share(self, obj):
+                    offered.append(obj)
+                    return offered[0]
+
+            sync = Sync()
+            agreed = [agreed_capacity(r, None, fixed, sync) for r in (first, second)]
+            shard = KeyShard(0, 8, lambda t: t)
+            caps = {build_routed(r, capacity=c, shard=shard).capacity for r, c in zip((first, second), agreed)}
+            assert caps == {own[0]}, "both ranks hold rank 0's capacity"
+            assert own[0] == (FIXED_CAPACITY_DEFAULT if fixed else 64)
+        assert agreed_capacity(second, 100, False, None) == 100, "KVEDIT_CAPACITY wins"
+    finally:
         s.close()
         stop_embedded_redis(root)
 
