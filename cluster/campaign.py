@@ -51,6 +51,7 @@ OPTIONS: dict[str, tuple[type | tuple, Any]] = {
     "edit_config": (dict, {}),          # EditConfig overrides, e.g. {"values": {"steps": 10}}
     "value_sample": (int, 32),          # synthetic cells: facts computed with real residuals
     "wikitext_tokens": (int, 20_000),   # synthetic cells: held-out tokens for the false-gate rate
+    "calibration": (dict, {}),          # "+cal" cells: CalibrationConfig overrides, e.g. {"target_rate": 1e-3}
 }
 
 # The numbers a cell can report (float columns of the results table; missing ones stay null).
@@ -88,7 +89,7 @@ def method_variant(method: str) -> tuple[str, bool, bool]:
 
     "cosine+rep" is the cosine memory with a REP robust-key adapter trained on its edits
     (`run_sequential(robust_keys=True)`); "cosine+cal" re-chooses its gate threshold after every
-    batch (`run_sequential(calibration=...)`, at the false-gate-rate bound: `CALIBRATION`); the
+    batch (`run_sequential(calibration=...)`, as a store memory does: `calibration_config`); the
     suffixes combine ("cosine+rep+cal"). Only the memory's routers take them.
     """
     from editing.evaluate import known_methods
@@ -105,9 +106,13 @@ def method_variant(method: str) -> tuple[str, bool, bool]:
     return base, "rep" in suffixes, "cal" in suffixes
 
 
-# The calibrated gate of "+cal" cells: the threshold at the false-gate-rate bound (placement 0), the
-# candidate default of benchmarks/RESULTS.md ("calibrated gates with the new keys").
-CALIBRATION = {"placement": 0.0}
+def calibration_config(options: dict | None = None) -> dict:
+    """The calibrated gate of "+cal" cells and of `kvedit eval --calibrate`: what a new store memory gets
+    (`cluster.commit.DEFAULT_CALIBRATION`: the false-gate-rate bound), with the campaign's
+    `options.calibration` overrides (`editing.calibrate.CalibrationConfig` fields)."""
+    from cluster.commit import DEFAULT_CALIBRATION
+
+    return {**DEFAULT_CALIBRATION, **((options or {}).get("calibration") or {})}
 
 
 class CampaignSpecError(ValueError):
@@ -141,6 +146,10 @@ class Cell:
         from editing import EditConfig
 
         key = {k: v for k, v in asdict(self).items() if k != "campaign"}
+        # The calibration enters the id resolved, and only for calibrated cells (others do not use it).
+        key["options"] = {k: v for k, v in self.options.items() if k != "calibration"}
+        if method_variant(self.method)[2]:
+            key["calibration"] = calibration_config(self.options)
         overrides = {**self.options.get("edit_config", {}), "layer": self.layer, "seed": self.seed}
         key["edit_settings"] = EditConfig.for_model(self.model, **overrides).to_dict()
         from editing.evaluate import NLL, success_metric
@@ -350,6 +359,7 @@ def parse_campaign(data: Any, source: str | None = None) -> CampaignSpec:
         raise CampaignSpecError("description", "expected a string", source)
     options = _options(data.get("options"), source)
     _check_edit_config(model, options["edit_config"], source)
+    _check_calibration(options, source)
     return CampaignSpec(name, model, datasets, methods, thresholds, layers, ts, batches, seed, options, description)
 
 
@@ -360,6 +370,15 @@ def _check_edit_config(model: str, overrides: dict, source) -> None:
         EditConfig.for_model(model, **overrides)
     except (TypeError, ValueError) as exc:
         raise CampaignSpecError("options.edit_config", str(exc), source) from exc
+
+
+def _check_calibration(options: dict, source) -> None:
+    from editing.calibrate import CalibrationConfig
+
+    try:
+        CalibrationConfig(**calibration_config(options))
+    except (TypeError, ValueError) as exc:
+        raise CampaignSpecError("options.calibration", str(exc), source) from exc
 
 
 def load_campaign(path: str | os.PathLike) -> CampaignSpec:

@@ -311,7 +311,7 @@ def eval_cmd(
     _setup_logging()
     from editing import Editor, EditRecordError, load_records
     from editing.data import data_file
-    from cluster.campaign import CALIBRATION
+    from cluster.campaign import calibration_config
     from editing.calibrate import CalibrationConfig
     from editing.evaluate import known_methods, run_sequential, success_metric
     from editing.routers import ROUTERS
@@ -347,7 +347,7 @@ def eval_cmd(
             result = run_sequential(editor, records, batch, router=method, threshold=threshold,
                                     perplexity_text=held_out[:40_000], long_context_text=held_out[40_000:60_000],
                                     progress=lambda n: prog.advance(task, n), robust_keys=robust_keys,
-                                    calibration=CalibrationConfig(**CALIBRATION) if calibrate else None,
+                                    calibration=CalibrationConfig(**calibration_config()) if calibrate else None,
                                     metric=metric)
     except EditRecordError as exc:
         fail(str(exc))

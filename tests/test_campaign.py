@@ -37,6 +37,8 @@ grid: {method: [cosine], T: [10]}
     (GOOD + "options: {fluency_prompts: many}\n", "options.fluency_prompts"),
     (GOOD + "options: {colour: red}\n", "options.colour"),
     (GOOD + "options: {edit_config: {values: {stepz: 3}}}\n", "options.edit_config"),
+    (GOOD + "options: {calibration: {target_rate: 2}}\n", "options.calibration"),
+    (GOOD + "options: {calibration: {rate: 0.01}}\n", "options.calibration"),
     (GOOD.replace("name: t", "name: 'bad name/'"), "name"),
     (GOOD.replace("datasets: [counterfact_valid.json]\n", ""), "datasets"),
     (GOOD + "sed: 1\n", "sed"),
@@ -103,6 +105,22 @@ def test_shipped_campaigns_expand_to_their_grids():
     # batch is capped at T, so grid points that mean the same run collapse into one cell
     spec = parse_campaign({"name": "x", "datasets": ["synthetic"], "grid": {"method": ["cosine"], "T": [5], "batch": [5, 8]}})
     assert len(spec.cells()) == 1 and spec.cells()[0].batch == 5
+
+
+def test_calibrated_cells_use_the_memories_default_calibration_and_their_id_follows_it():
+    """"+cal" cells calibrate as a new store memory does (`DEFAULT_CALIBRATION`), so campaign numbers describe the
+    shipped default; a campaign can override it, and only calibrated cells' ids change with it."""
+    from cluster.campaign import calibration_config
+    from cluster.commit import DEFAULT_CALIBRATION
+
+    grid = {"method": ["cosine", "cosine+cal"], "T": [10]}
+    plain = parse_campaign({"name": "x", "datasets": ["counterfact_valid.json"], "grid": grid}).cells()
+    strict = parse_campaign({"name": "x", "datasets": ["counterfact_valid.json"], "grid": grid,
+                             "options": {"calibration": {"target_rate": 1e-3}}}).cells()
+    assert calibration_config(plain[1].options) == DEFAULT_CALIBRATION
+    assert calibration_config(strict[1].options) == {**DEFAULT_CALIBRATION, "target_rate": 1e-3}
+    assert plain[0].cell_id == strict[0].cell_id, "an uncalibrated cell does not use the calibration"
+    assert plain[1].cell_id != strict[1].cell_id, "results at another target rate are not reused"
 
 
 def test_only_selects_grid_cells_by_value_and_keeps_their_ids():

@@ -85,12 +85,12 @@ class CampaignEvaluator:
         if opts["eval_prompts"]:
             records = [trim_eval_prompts(r, opts["eval_prompts"]) for r in records]
         text = self.held_out()
-        from cluster.campaign import CALIBRATION, method_variant
+        from cluster.campaign import calibration_config, method_variant
         from editing.calibrate import CalibrationConfig
 
         method, robust, calibrated = method_variant(cell["method"])
         return run_sequential(ed, records, cell["batch"], router=method, threshold=cell["threshold"], robust_keys=robust,
-                              calibration=CalibrationConfig(**CALIBRATION) if calibrated else None,
+                              calibration=CalibrationConfig(**calibration_config(opts)) if calibrated else None,
                               perplexity_text=text[: opts["perplexity_chars"]] or None,
                               long_context_text=text[40_000:60_000] if opts["long_context"] else None,
                               fluency_prompts=opts["fluency_prompts"], edit_cache=self._edit_cache(),
