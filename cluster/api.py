@@ -75,7 +75,9 @@ class JobMetrics:
         self.actor_restarts = Counter("kvedit_actor_restarts", "Worker actors replaced after dying.", ["pool"],
                                       registry=self.registry)
         self.robust_keys_retrains = Counter("kvedit_robust_keys_retrains", "REP adapters retrained after a job grew "
-                                            "their memory, by result (ok, failed).", ["result"], registry=self.registry)
+                                            "their memory, by result (ok, failed, conflict: another change to the "
+                                            "adapter landed first, abandoned: the coordinator stopped or lost the job, "
+                                            "deferred: a failed retrain's backoff).", ["result"], registry=self.registry)
         self._bound = False
 
     def bind(self, jobs: JobStore, queue: JobQueue) -> "JobMetrics":

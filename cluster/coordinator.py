@@ -57,6 +57,8 @@ class CoordinatorConfig:
         http_port: serve the HTTP API on this port (None: no API).
         queue_outage_seconds: ride out a Redis outage this long (retrying with backoff; the job
             in hand is left to this or the next coordinator) before `run` gives up.
+        retrain_backoff_seconds: after a memory's REP adapter retrain failed, retrains later jobs find
+            due wait this long, doubling with each further failure (`cluster.robust.RetrainBackoff`).
     """
 
     store: str | None = None
@@ -76,6 +78,7 @@ class CoordinatorConfig:
     log_to_driver: bool = True
     stats_shard_tokens: int = 4096
     queue_outage_seconds: float = 120.0
+    retrain_backoff_seconds: float = 300.0
 
 
 @dataclass
@@ -134,6 +137,9 @@ class Coordinator:
         self.evaluators: ActorPool | None = None
         self.api = None
         self.stop_event = threading.Event()
+        from cluster.robust import RetrainBackoff
+
+        self.retrain_backoff = RetrainBackoff(self.config.retrain_backoff_seconds)
         self._started = False
         self._owns_ray = False
         self._tokenizers: dict = {}
@@ -694,6 +700,7 @@ class _JobRun:
         leaves the adapter as it was (a retrain still running is killed with its actor, so it cannot commit
         later) and the job finishes with its edits committed; the next job finds the retrain still due."""
         from cluster.robust import records_of_rows, retrain_due
+        from store import CommitConflictError
         from store.artifacts import read_rephrases
 
         if self.version is None or self.cancelled:
@@ -707,16 +714,29 @@ class _JobRun:
             return
         if not due:
             return
+        metric, backoff = self.coord.metrics.robust_keys_retrains, self.coord.retrain_backoff
+        wait = backoff.wait(self.spec.memory)
+        if wait:  # the last retrain of this memory failed: a later job tries again
+            log.info("job %s: robust keys of %r due, deferred %.0f s after a failed retrain", self.job_id,
+                     self.spec.memory, wait)
+            metric.labels("deferred").inc()
+            return
         self.coord.jobs.update(self.job_id, stage="robust_keys")
         self.event("robust_keys", 0, info.n_rows)
-        pool, metric = self.coord.value_pool(), self.coord.metrics.robust_keys_retrains
+        pool = self.coord.value_pool()
+
+        def failed(why) -> None:
+            delay = backoff.failed(self.spec.memory)
+            log.warning("job %s: retraining the robust keys of %r failed, adapter unchanged (next try in %.0f s or "
+                        "later): %s", self.job_id, self.spec.memory, delay, why)
+            metric.labels("failed").inc()
+
         try:  # the records of rows whose rephrasings were never stored: this job's, and earlier jobs' that did not retrain
             _, table = self.coord.store.load(self.spec.memory)
             known = read_rephrases(self.coord.store, info.router, f"memory {self.spec.memory!r} v{info.version}")
             records = records_of_rows(self.coord.jobs, table, set(known))
         except Exception as exc:  # noqa: BLE001 - best effort, as below
-            log.warning("job %s: cannot retrain the robust keys of %r: %s", self.job_id, self.spec.memory, exc)
-            metric.labels("failed").inc()
+            failed(exc)
             return
         dispatched: list = []
 
@@ -731,19 +751,25 @@ class _JobRun:
                 self.spec.editor_overrides(), records), max_attempts=1, poll=self.coord.config.poll_seconds,
                 on_tick=tick, on_dispatch=lambda _, slot: dispatched.append(slot),
                 item_timeout=self.coord.config.actor_timeout)
-        except (_Abandoned, _LeaseLost) as why:
+        except (_Abandoned, _LeaseLost) as why:  # not the retrain's fault: no backoff
             for slot in dispatched[-1:]:
                 pool.replace(slot)  # its retrain dies with it: nothing can commit later
+            metric.labels("abandoned").inc()
             if isinstance(why, _LeaseLost):  # another coordinator owns the job now
-                metric.labels("failed").inc()
                 raise
-            out = Outcome(self.spec.memory, error=RuntimeError(f"abandoned: {why}"))
+            log.warning("job %s: retraining the robust keys of %r abandoned, adapter unchanged: %s", self.job_id,
+                        self.spec.memory, why)
+            return
+        if isinstance(out.error, CommitConflictError):  # another retrain or a removal of the adapter landed first
+            log.info("job %s: robust keys of %r changed while retraining; the other change stands: %s",
+                     self.job_id, self.spec.memory, out.error)
+            metric.labels("conflict").inc()
+            return
         if out.error is not None:  # the edits are committed; replicas keep routing through the old adapter
-            log.warning("job %s: retraining the robust keys of %r failed, adapter unchanged: %s", self.job_id,
-                        self.spec.memory, out.error)
-            metric.labels("failed").inc()
+            failed(out.error)
             return
         out = out.value
+        backoff.succeeded(self.spec.memory)
         metric.labels("ok").inc()
         self.coord.jobs.update(self.job_id, robust_keys_version=out["version"])
         log.info("job %s: robust keys of %r retrained on %d rows -> v%d", self.job_id, self.spec.memory, out["rows"],

@@ -62,6 +62,35 @@ def retrain_due(router: dict | None, n_rows: int) -> bool:
     return window is not None and window[0] <= n_rows <= window[1]
 
 
+class RetrainBackoff:
+    """Per memory: after a retrain failed, the retrains later jobs find due wait `base` seconds, doubling
+    with each further failure up to `16 * base`; a retrain that lands clears it. In-process (a restarted
+    coordinator tries at once), so a memory whose retrain keeps failing (an actor timeout, a corrupt
+    artifact) does not hold every job that grows it for another full attempt."""
+
+    MAX_DOUBLINGS = 4
+
+    def __init__(self, base: float, clock=time.monotonic):
+        self.base = base
+        self.clock = clock
+        self._failed: dict[str, tuple[int, float]] = {}  # memory -> (failures in a row, retry not before)
+
+    def wait(self, memory: str) -> float:
+        """Seconds until `memory` may retrain again (0: now)."""
+        failures, until = self._failed.get(memory, (0, 0.0))
+        return max(0.0, until - self.clock()) if failures else 0.0
+
+    def failed(self, memory: str) -> float:
+        """Count a failure; returns the delay before the next try."""
+        failures = self._failed.get(memory, (0, 0.0))[0] + 1
+        delay = self.base * 2 ** min(failures - 1, self.MAX_DOUBLINGS)
+        self._failed[memory] = (failures, self.clock() + delay)
+        return delay
+
+    def succeeded(self, memory: str) -> None:
+        self._failed.pop(memory, None)
+
+
 def train_robust_keys(editor, st, memory: str, records=(), hp=None, seed: int = 0, negative_text: str | None = None,
                       message: str = "", retrain_growth: float | None | str = KEEP,
                       records_by_id: dict | None = None) -> dict:

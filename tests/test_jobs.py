@@ -529,6 +529,48 @@ def test_job_thresholds_are_checked_against_the_router():
             JobSpec(memory="m", records=[{}], router=router, threshold=bad).check()
 
 
+def test_retrain_backoff_doubles_per_failure_and_clears_on_success():
+    from cluster.robust import RetrainBackoff
+
+    now = [100.0]
+    b = RetrainBackoff(10.0, clock=lambda: now[0])
+    assert b.wait("m") == 0
+    assert [b.failed("m") for _ in range(6)] == [10, 20, 40, 80, 160, 160], "doubling, capped at 16x"
+    assert b.wait("m") == 160 and b.wait("other") == 0, "per memory"
+    now[0] += 159.5
+    assert b.wait("m") == 0.5
+    now[0] += 1
+    assert b.wait("m") == 0
+    b.succeeded("m")
+    assert b.failed("m") == 10, "a retrain that lands starts the count again"
+
+
+def test_a_failed_retrain_defers_the_retrains_later_jobs_find_due(coord, raw_records):
+    """A memory whose retrain fails (here: the rephrasings artifact its adapter names is missing) does not
+    make every later job that grows it try again at once: they find it deferred, and the try after the
+    backoff fails again with a doubled delay. The jobs' edits are committed all along."""
+    name = "rk-broken"
+    first = _spec(raw_records[:2], name, job_id="rkb-1", threshold=0.5)
+    coord.jobs.submit(first)
+    _run(coord, first.job_id)
+    coord.store.commit(name, router_patch={"robust_keys": {"rows": 1, "retrain_growth": 0.25, "steps": 5,
+                                                           "rephrases": "no-such-artifact"}})
+    now = [0.0]
+    coord.retrain_backoff.clock = lambda: now[0]
+    metric = 'kvedit_robust_keys_retrains_total{{result="{}"}} {}'
+    for i, (result, count) in enumerate([("failed", 1.0), ("deferred", 1.0), ("failed", 2.0)], start=2):
+        if i == 4:
+            now[0] += coord.config.retrain_backoff_seconds  # past the first delay
+        job = _spec(raw_records[i + 1:i + 2], name, job_id=f"rkb-{i}", threshold=0.5)
+        coord.jobs.submit(job)
+        _run(coord, job.job_id)
+        st = coord.jobs.get(job.job_id)
+        assert st.state == JobState.SUCCEEDED and st.n_committed == 1 and st.robust_keys_version is None, st
+        assert metric.format(result, count) in coord.metrics.render().decode(), (i, result)
+    assert coord.retrain_backoff.wait(name) == 2 * coord.config.retrain_backoff_seconds, "doubled"
+    assert coord.store.info(name).n_rows == 5
+
+
 def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records, smol):
     """A memory's REP adapter keeps up with it: after a job that adds `retrain_growth` more rows than the adapter
     saw, the coordinator retrains it on every row (stored rephrasings of the old rows plus the job's records) and
@@ -602,7 +644,8 @@ def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records
         "the rephrasings of rk-3's and rk-4's rows, which did not retrain, are read back from their jobs"
     metrics = coord.metrics.render().decode()
     assert 'kvedit_robust_keys_retrains_total{result="ok"} 2.0' in metrics
-    assert 'kvedit_robust_keys_retrains_total{result="failed"} 1.0' in metrics
+    assert 'kvedit_robust_keys_retrains_total{result="abandoned"} 1.0' in metrics, "a stop is not a failure"
+    assert 'kvedit_robust_keys_retrains_total{result="failed"}' not in metrics
 
     # a job too small to retrain (9 -> 10 rows), then a retrain by hand without --data: the job's row trains
     # with its rephrasings, read back from the job store as the coordinator would
