@@ -148,8 +148,8 @@ class Cell:
         key = {k: v for k, v in asdict(self).items() if k != "campaign"}
         # The calibration enters the id resolved, and only for calibrated cells (others do not use it).
         key["options"] = {k: v for k, v in self.options.items() if k != "calibration"}
-        if method_variant(self.method)[2]:
-            key["calibration"] = calibration_config(self.options)
+        if method_variant(self.method)[2]:  # numbers as floats: placement 0 and 0.0 are one cell
+            key["calibration"] = {k: v if v is None else float(v) for k, v in calibration_config(self.options).items()}
         overrides = {**self.options.get("edit_config", {}), "layer": self.layer, "seed": self.seed}
         key["edit_settings"] = EditConfig.for_model(self.model, **overrides).to_dict()
         from editing.evaluate import NLL, success_metric
@@ -223,7 +223,11 @@ def select_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:
         except yaml.YAMLError as exc:
             raise CampaignSpecError(f"--only {term}", f"not a YAML value: {exc}") from exc
         wanted.setdefault(name, []).append(value)
-    out = [c for c in cells if all(_matches(getattr(c, k), vs) for k, vs in wanted.items())]
+    if "batch" in wanted:  # as written in the grid: a cell's batch is capped at its T
+        out = [c for c in cells if all(_matches(getattr(c, k), vs) for k, vs in wanted.items() if k != "batch")
+               and any(_is_int(w) and c.batch == min(w, c.T) for w in wanted["batch"])]
+    else:
+        out = [c for c in cells if all(_matches(getattr(c, k), vs) for k, vs in wanted.items())]
     if not out:
         raise CampaignSpecError("--only " + " ".join(only), f"matches none of the {len(cells)} cells of the grid")
     return out
@@ -334,6 +338,9 @@ def parse_campaign(data: Any, source: str | None = None) -> CampaignSpec:
         from editing.routers import ROUTERS
 
         base = method_variant(m)[0]
+        if base not in ROUTERS and base != "scr" and any(v is not None for v in thresholds[m]):
+            raise CampaignSpecError(f"grid.threshold.{m}", f"{m} edits weights and has no threshold: give null "
+                                    "(a mapping `threshold: {method: [...]}` gives routers theirs)", source)
         for v in thresholds[m]:
             if v is not None and base in ROUTERS:
                 try:
@@ -366,6 +373,9 @@ def parse_campaign(data: Any, source: str | None = None) -> CampaignSpec:
 def _check_edit_config(model: str, overrides: dict, source) -> None:
     from editing import EditConfig
 
+    for key, by in (("layer", "the grid's layer axis"), ("seed", "the campaign's seed")):
+        if key in overrides:
+            raise CampaignSpecError(f"options.edit_config.{key}", f"set by {by}, not here", source)
     try:
         EditConfig.for_model(model, **overrides)
     except (TypeError, ValueError) as exc:
@@ -375,8 +385,12 @@ def _check_edit_config(model: str, overrides: dict, source) -> None:
 def _check_calibration(options: dict, source) -> None:
     from editing.calibrate import CalibrationConfig
 
+    cfg = calibration_config(options)
+    for k, v in cfg.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float, type(None))):
+            raise CampaignSpecError(f"options.calibration.{k}", f"expected a number, got {v!r}", source)
     try:
-        CalibrationConfig(**calibration_config(options))
+        CalibrationConfig(**cfg)
     except (TypeError, ValueError) as exc:
         raise CampaignSpecError("options.calibration", str(exc), source) from exc
 
@@ -405,9 +419,11 @@ def check_datasets(spec: CampaignSpec) -> None:
         if ds == SYNTHETIC:
             continue
         try:
-            data_file(ds)
+            path = data_file(ds)
         except FileNotFoundError as exc:
             raise CampaignSpecError(f"datasets[{i}]", str(exc), spec.name) from exc
+        if not Path(path).is_file():
+            raise CampaignSpecError(f"datasets[{i}]", f"{path} is not a file", spec.name)
 
 
 def check_model(spec: CampaignSpec) -> None:
@@ -463,6 +479,10 @@ class CampaignResults:
         """Record a finished cell (its metrics, or its error) as one atomically written Parquet file."""
         from store.files import write_table_file
 
+        if error and self.finished().get(cell.cell_id) == "ok":  # another run of the campaign finished it
+            log.warning("campaign %s: cell %s failed here but another run recorded it ok; keeping that: %s",
+                        self.name, cell.cell_id, error)
+            return {**cell.to_dict(), "status": "ok", "error": None}
         result = dict(result or {})
         row = {**cell.to_dict(), "options": json.dumps(cell.options, sort_keys=True),
                "status": "error" if error else "ok", "error": error,
@@ -546,12 +566,12 @@ def run_campaign(spec: CampaignSpec, store: str | None = None, ray_address: str 
     skip = {"ok"} if retry_failed else {"ok", "error"}
     todo = [c for c in cells if done.get(c.cell_id) not in skip]
     run = CampaignRun(spec.name, results.results_dir, len(cells), len(cells) - len(todo))
+    results.write_spec(spec)  # the grid as last run, which the report keeps to (also when nothing is left to run)
     if on_start:
         on_start(len(todo), run.skipped)
     if not todo:
         run.seconds = round(time.perf_counter() - t0, 2)
         return run
-    results.write_spec(spec)
     if threads is None and not ray_address:
         threads = max(1, (os.cpu_count() or 1) // workers)
     import ray
@@ -559,9 +579,9 @@ def run_campaign(spec: CampaignSpec, store: str | None = None, ray_address: str 
     owns_ray = connect_ray(ray_address, local_cpu_slots(workers), log_to_driver=False)
     pool = ActorPool(CampaignEvaluator, workers, "campaign")
     try:
-        pool.broadcast("setup", threads)
         by_id = {c.cell_id: c for c in todo}
-        outcomes = pool.run([c.cell_id for c in todo], lambda actor, cid: actor.run_cell.remote(by_id[cid].to_dict()))
+        outcomes = pool.run([c.cell_id for c in todo],
+                            lambda actor, cid: actor.run_cell.remote(by_id[cid].to_dict(), threads))
         for oc in outcomes:
             cell = by_id[oc.item]
             if oc.error is None:

@@ -2,7 +2,7 @@
 
 - a method comparison table per (dataset, T, batch), laid out like the papers' tables
   (rows = methods; columns Efficacy, Generalization, Specificity, ...);
-- each metric against T (one line per method and threshold);
+- each metric against T (one line per method, grid threshold, layer and grid batch);
 - each metric against the threshold (one line per method and T);
 - the scale protocol (synthetic cells): routing capacity and false gates against N;
 - the failed cells and their errors.
@@ -67,12 +67,12 @@ def _comparison(df, methods: list[str]) -> list[str]:
     for (ds, t, b), g in df.groupby(["dataset", "T", "batch"], sort=True):
         g = g.assign(_o=g["method"].map(lambda m: order.get(m, len(order)))).sort_values(["_o", "threshold_used", "layer_used"])
         cols = [c for c in TABLE_COLUMNS if g[c[0]].notna().any()]
-        several_layers = g["layer_used"].nunique() > 1
+        several_layers = g["layer_used"].nunique(dropna=False) > 1  # scr has no layer (NaN)
         header = ["Method", "τ"] + (["Layer"] if several_layers else []) + [c[1] for c in cols]
         rows = []
         for _, r in g.iterrows():
             cells = [r["method"], "–" if _missing(r["threshold_used"]) else f"{r['threshold_used']:.2f}"]
-            cells += [str(int(r["layer_used"]))] if several_layers else []
+            cells += [_layer(r["layer_used"])] if several_layers else []
             for metric, _, pre in cols:
                 text = format_value(metric, r[metric])
                 if pre and not _missing(r[pre]):
@@ -83,18 +83,32 @@ def _comparison(df, methods: list[str]) -> list[str]:
     return lines
 
 
+def _layer(v) -> str:
+    return "–" if _missing(v) else str(int(v))
+
+
 def _series_label(row, keys: list[str]) -> str:
     parts = [row["method"]]
     for k in keys:
-        if k == "threshold_used" and not _missing(row[k]):
+        if k in ("threshold_used", "threshold") and not _missing(row[k]):
             parts.append(f"τ={row[k]:.2f}")
         elif k == "T":
-            parts.append(f"T={row[k]}")
+            parts.append(f"T={int(row[k])}")
         elif k == "layer_used":
-            parts.append(f"L{row[k]}")
-        elif k == "batch":
-            parts.append(f"b={row[k]}")
+            parts.append(f"L{_layer(row[k])}")
+        elif k in ("batch", "grid_batch"):
+            parts.append(f"b={int(row[k])}")
     return " ".join(parts)
+
+
+def _by_grid_batch(df, batches: list[int] | None):
+    """One row per (cell, grid batch it stands for): a cell's batch is capped at T (`Cell.batch = min(b, T)`),
+    so the T = 1 cell of a `batch: [5]` grid belongs to the b = 5 line, and with `batch: [1, 32]` the T = 1
+    cell (batch 1) to both lines."""
+    if not batches:
+        return df.assign(grid_batch=df["batch"])
+    rows = df.assign(grid_batch=[[b for b in batches if min(b, t) == c] or [c] for t, c in zip(df["T"], df["batch"])])
+    return rows.explode("grid_batch").astype({"grid_batch": int})
 
 
 def _plot(df, x: str, metric: str, line_keys: list[str], path: Path, xlabel: str, logx: bool = False) -> bool:
@@ -166,14 +180,17 @@ def write_report(name: str, out: str | Path, store: str | None = None) -> Path:
               "PPL Δ is the relative change of WikiText perplexity (held-out half); Fluency is ROME's n-gram entropy.", ""]
     if not seq.empty:
         lines += ["## Method comparison", ""] + _comparison(seq, methods)
-        for x, keys, title, xlabel, logx in (
-            ("T", ["threshold_used", "layer_used", "batch"], "Metrics against T", "T (edits)", True),
-            ("threshold_used", ["T", "layer_used", "batch"], "Metrics against the threshold", "threshold τ", False),
+        # Lines against T follow the grid's threshold (a calibrated cell's own threshold differs per T) and
+        # the grid's batch (capped at T per cell).
+        by_batch = _by_grid_batch(seq, spec.get("batches"))
+        for x, data, keys, title, xlabel, logx in (
+            ("T", by_batch, ["threshold", "layer_used", "grid_batch"], "Metrics against T", "T (edits)", True),
+            ("threshold_used", seq, ["T", "layer_used", "batch"], "Metrics against the threshold", "threshold τ", False),
         ):
             lines += [f"## {title}", ""]
             for metric in PLOT_METRICS:
                 png = plots / f"{'T' if x == 'T' else 'threshold'}_{metric}.png"
-                if _plot(seq, x, metric, keys, png, xlabel, logx):
+                if _plot(data, x, metric, keys, png, xlabel, logx):
                     lines += [f"![{metric} against {xlabel}](plots/{png.name})", ""]
     if not scale.empty:
         lines += ["## Scale: synthetic facts", "",

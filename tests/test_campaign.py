@@ -39,6 +39,11 @@ grid: {method: [cosine], T: [10]}
     (GOOD + "options: {edit_config: {values: {stepz: 3}}}\n", "options.edit_config"),
     (GOOD + "options: {calibration: {target_rate: 2}}\n", "options.calibration"),
     (GOOD + "options: {calibration: {rate: 0.01}}\n", "options.calibration"),
+    (GOOD + "options: {calibration: {placement: true}}\n", "options.calibration.placement"),
+    (GOOD + "options: {edit_config: {layer: 3}}\n", "options.edit_config.layer"),  # the grid's layer axis sets it
+    (GOOD + "options: {edit_config: {seed: 7}}\n", "options.edit_config.seed"),
+    (GOOD.replace("method: [cosine]", "method: [cosine, rome]").replace("T: [10]", "T: [10], threshold: [0.5]"),
+     "grid.threshold.rome"),  # an in-place editor has no threshold: every cell would fail after loading the model
     (GOOD.replace("name: t", "name: 'bad name/'"), "name"),
     (GOOD.replace("datasets: [counterfact_valid.json]\n", ""), "datasets"),
     (GOOD + "sed: 1\n", "sed"),
@@ -131,6 +136,7 @@ def test_only_selects_grid_cells_by_value_and_keeps_their_ids():
     one = select_cells(cells, ["method=cosine+rep", "T=400"])
     assert [(c.method, c.T) for c in one] == [("cosine+rep", 400)]
     assert one[0].cell_id in {c.cell_id for c in cells}  # same id, so it lands beside a full run's results
+    assert len(select_cells(cells, ["batch=25"])) == 12, "the grid's batch, capped at T = 1 and 10 in those cells"
     two = select_cells(cells, ["T=100", "T=400", "threshold=null"])  # a repeated field matches either value
     assert [(c.method, c.T) for c in two] == [("cosine+cal", 100), ("cosine+cal", 400)]
     assert [c.T for c in select_cells(cells, ["threshold=0.5", "method=cosine"])] == [1, 10, 100, 400]
@@ -240,6 +246,62 @@ def test_report_leaves_out_cells_of_an_earlier_grid(tmp_path):
     text = write_report("smoke", tmp_path / "report", store=store).read_text()
     assert "1 recorded cell(s) of an earlier grid or scoring left out" in text
     assert "T = 7" not in text and "12.3" not in text and f"cells: {len(cells)} finished" in text
+
+
+def test_report_of_baselines_without_a_layer_and_lines_by_grid_batch_and_threshold(tmp_path):
+    """scr has no layer beside in-place editors that report theirs: the table shows "–" (it crashed on NaN);
+    lines against T follow the grid's batch (capped at T per cell) and threshold (a calibrated cell's own
+    threshold differs per T), so each method is one line, not one dot per T."""
+    import pandas as pd
+
+    from cluster.campaign import CampaignResults
+    from cluster.campaign_report import _by_grid_batch, write_report
+
+    spec = parse_campaign({"name": "mix", "datasets": ["counterfact_valid.json"], "grid": {
+        "method": ["cosine+cal", "rome", "scr"], "T": [1, 10], "batch": [5]}})
+    store = str(tmp_path / "store")
+    results = CampaignResults("mix", store)
+    results.write_spec(spec)
+    layers = {"cosine+cal": 6, "rome": 8, "scr": None}
+    for i, cell in enumerate(spec.cells()):
+        results.write_cell(cell, {"n_edits": cell.T, "threshold": 0.5 + 0.01 * i, "layer": layers[cell.method],
+                                  "efficacy": 0.5 + 0.04 * i})
+    text = write_report("mix", tmp_path / "report", store=store).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| scr |"))
+    assert "| – |" in row and "| Layer |" in text
+    frame = _by_grid_batch(results.frame(), [5])
+    assert sorted(frame["grid_batch"]) == [5] * 6, "the T = 1 cells (batch 1) stand for the grid's batch 5"
+    both = _by_grid_batch(pd.DataFrame({"T": [1, 10], "batch": [1, 1]}), [1, 32])
+    assert sorted(both["grid_batch"]) == [1, 1, 32], "T = 1 stands for both batches; T = 10 at batch 1 for one"
+
+
+def test_spec_as_last_run_and_ok_results_survive_a_rerun_and_a_late_error(tmp_path):
+    """Going back to a grid whose cells are all finished makes it the grid the report shows (nothing runs,
+    no Ray); a concurrent run's error for a cell another run finished does not replace the result."""
+    from cluster.campaign import CampaignResults, run_campaign
+    from cluster.campaign_report import write_report
+
+    store = str(tmp_path / "store")
+    grid_a = parse_campaign({"name": "g", "datasets": ["counterfact_valid.json"], "grid": {"method": ["cosine"], "T": [2]}})
+    grid_b = parse_campaign({"name": "g", "datasets": ["counterfact_valid.json"], "grid": {"method": ["cosine"], "T": [3]}})
+    results = CampaignResults("g", store)
+    (cell,) = grid_a.cells()
+    results.write_cell(cell, {"n_edits": 2, "threshold": 0.5, "layer": 6, "efficacy": 1.0})
+    results.write_spec(grid_b)  # grid B was started (and interrupted) last
+    run = run_campaign(grid_a, store=store)
+    assert run.skipped == 1 and run.ok == 0
+    assert "T = 2" in write_report("g", tmp_path / "r", store=store).read_text()
+    results.write_cell(cell, error="RuntimeError: a second run failed late")
+    assert results.finished() == {cell.cell_id: "ok"}
+
+
+def test_a_dataset_that_is_not_a_file_is_refused_before_anything_runs(tmp_path):
+    from cluster.campaign import check_datasets
+
+    spec = parse_campaign({"name": "d", "datasets": [str(tmp_path)], "grid": {"method": ["cosine"], "T": [2]}})
+    with pytest.raises(CampaignSpecError) as exc:
+        check_datasets(spec)
+    assert exc.value.field == "datasets[0]" and "not a file" in str(exc.value)
 
 
 def test_small_campaign_end_to_end_with_report_and_resume(tmp_path):

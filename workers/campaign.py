@@ -59,7 +59,10 @@ class CampaignEvaluator:
         ed.config.batch_size = cell["batch"]  # as `kvedit eval`: a batch of b edits is optimised together
         return ed
 
-    def run_cell(self, cell: dict) -> dict:
+    def run_cell(self, cell: dict, threads: int | None = None) -> dict:
+        """Run one campaign cell (`cluster.campaign.Cell.to_dict()`); `threads` as `setup` (given with every
+        cell, so an actor that replaced a dead one runs with as many threads as the first)."""
+        self.setup(threads)
         ed = self.editor(cell)
         try:
             if cell["dataset"] == "synthetic":
