@@ -148,6 +148,10 @@ class Cell:
         key = {k: v for k, v in asdict(self).items() if k != "campaign"}
         # The calibration enters the id resolved, and only for calibrated cells (others do not use it).
         key["options"] = {k: v for k, v in self.options.items() if k != "calibration"}
+        from editing.baselines.base import BASELINES, baseline_identity
+
+        if self.method in BASELINES:  # a baseline's code revision and resolved settings
+            key["baseline"] = baseline_identity(self.method, self.model)
         if method_variant(self.method)[2]:  # numbers as floats: placement 0 and 0.0 are one cell
             key["calibration"] = {k: v if v is None else float(v) for k, v in calibration_config(self.options).items()}
         overrides = {**self.options.get("edit_config", {}), "layer": self.layer, "seed": self.seed}

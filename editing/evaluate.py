@@ -437,8 +437,9 @@ def _describe_baseline(method) -> dict:
     d = method.describe()
     layers = d["layers"]
     thr = d["settings"].get("min_similarity")
+    extra = {k: v for k, v in d.items() if k not in ("method", "layers", "settings", "active")}
     return {"router": d["method"], "threshold": thr, "layer": layers[-1] if layers else None, "layers": layers,
-            "settings": d["settings"]}
+            "settings": d["settings"], **extra}
 
 
 def run_sequential(ed, reqs: list[EditRequest], batch: int, router: str | None = None, threshold: float | None = None,

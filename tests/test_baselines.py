@@ -16,7 +16,7 @@ from editing import EditRecordError, EditRequest
 from editing.baselines import make_baseline
 from editing.baselines.alphaedit import alphaedit_update, null_space_projection
 from editing.baselines.memit import memit_update
-from editing.baselines.rome import rank_one_update
+from editing.baselines.rome import batch_update, rank_one_update
 from editing.evaluate import efficacy, known_methods, run_sequential
 from editing.metrics import next_token_logits
 
@@ -49,6 +49,26 @@ def test_rank_one_update_writes_the_target_and_spares_the_c0_orthogonal_compleme
     assert torch.linalg.matrix_rank(delta) == 1
 
 
+def test_rome_batch_update_writes_every_target_of_the_batch():
+    """Successive rank-one updates move the batch's earlier keys off their targets (k_j^T C0^-1 k_i != 0);
+    the joint update meets them all, is rank n, and equals the rank-one update for one edit."""
+    d_key, d_model, n = 12, 5, 4
+    x = _background(400, d_key, d_key, seed=5)
+    c0 = x.T @ x / len(x)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(d_model, d_key, generator=g, dtype=torch.float64)
+    keys = torch.randn(n, d_key, generator=g, dtype=torch.float64) + 2.0  # correlated keys, as real ones are
+    targets = torch.randn(n, d_model, generator=g, dtype=torch.float64)
+    seq = w.clone()
+    for k, v in zip(keys, targets):
+        seq += rank_one_update(seq, k, v, c0)
+    assert torch.linalg.norm(keys[0] @ seq.T - targets[0]) > 1e-3, "the old successive form misses earlier targets"
+    delta = batch_update(w, keys, targets, c0)
+    torch.testing.assert_close(keys @ (w + delta).T, targets)
+    assert torch.linalg.matrix_rank(delta) == n
+    torch.testing.assert_close(batch_update(w, keys[:1], targets[:1], c0), rank_one_update(w, keys[0], targets[0], c0))
+
+
 def test_memit_update_is_the_least_squares_solution_with_c0_prior():
     d_key, d_model, n = 10, 4, 3
     x = _background(500, d_key, d_key, seed=2)
@@ -68,6 +88,13 @@ def test_alphaedit_null_space_keeps_text_keys_and_earlier_edits():
     c0 = text.T @ text / len(text)
     proj = null_space_projection(c0, threshold=1e-8)
     assert round(float(proj.trace())) == d_key - rank
+    assert torch.allclose(null_space_projection(c0, energy=1e-12), proj), "energy ~0: the exact null space"
+    dense = _background(300, d_key, d_key, seed=8)  # no null space: the share bounds what text puts there
+    c_dense = dense.T @ dense / len(dense)
+    p_dense = null_space_projection(c_dense, energy=0.05)
+    assert 0 < float(torch.trace(p_dense @ c_dense) / torch.trace(c_dense)) <= 0.05 and round(float(p_dense.trace())) >= 1
+    with pytest.raises(ValueError, match="not both or neither"):
+        null_space_projection(c0, threshold=1e-8, energy=0.1)
     g = torch.Generator().manual_seed(4)
     k1, k2 = torch.randn(2, d_key, generator=g, dtype=torch.float64).unbind(0)
     r1, r2 = torch.randn(2, d_model, generator=g, dtype=torch.float64).unbind(0)
@@ -154,6 +181,10 @@ def test_scr_answers_from_the_retrieved_fact_and_leaves_other_prompts_alone(smol
         fact = f"{rec.prompt} {rec.target_new}."
         assert m.in_context([rec.prompt]) == [f"Fact: {fact}\nAccording to the fact above: {rec.prompt}"]
         assert m.in_context([other.prompt]) == [other.prompt], "an unrelated fact is not selected"
+        long = " ".join(["The weather in the valley was mild that year and the harvest was good."] * 40)
+        assert len(m.encoder.tok(long + "\n\n" + rec.prompt)["input_ids"]) > 2 * m.encoder.max_length
+        assert m.retrieve([long + "\n\n" + rec.prompt])[0][0][0] == fact, "behind a long context: the question"
+        assert m.retrieve([rec.prompt + "\n\n"])[0][0][0] == fact
         assert m.delete(ids) == 1 and m.in_context([rec.prompt]) == [rec.prompt]
     _assert_base_model(smol, probe)
 

@@ -128,6 +128,25 @@ def test_calibrated_cells_use_the_memories_default_calibration_and_their_id_foll
     assert plain[1].cell_id != strict[1].cell_id, "results at another target rate are not reused"
 
 
+def test_a_baselines_revision_or_settings_make_its_old_cells_stale(monkeypatch):
+    """A change of a baseline's code (its `revision`) or default settings changes its cells' ids, so a resumed
+    campaign re-runs them instead of reporting numbers of the old method; router cells keep theirs."""
+    from editing.baselines.base import BASELINES
+    from editing.baselines.rome import RomeSettings
+
+    def ids():
+        cells = parse_campaign({"name": "x", "datasets": ["counterfact_valid.json"],
+                                "grid": {"method": ["cosine", "rome"], "T": [10]}}).cells()
+        return {c.method: c.cell_id for c in cells}
+
+    before = ids()
+    monkeypatch.setattr(BASELINES["rome"], "revision", BASELINES["rome"].revision + 1)
+    revised = ids()
+    assert revised["rome"] != before["rome"] and revised["cosine"] == before["cosine"]
+    monkeypatch.setattr(RomeSettings.__init__, "__defaults__", (None, 12345))  # layer, stats_tokens
+    assert ids()["rome"] not in (before["rome"], revised["rome"]), "a changed default"
+
+
 def test_only_selects_grid_cells_by_value_and_keeps_their_ids():
     from cluster.campaign import select_cells
 

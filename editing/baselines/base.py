@@ -70,6 +70,14 @@ def load_settings(cls, model_name: str, method: str, overrides: dict):
     return cls(**data)
 
 
+def baseline_identity(name: str, model_name: str) -> dict:
+    """What determines a baseline's numbers besides the data: its code revision and resolved settings
+    (defaults + the model's hparams section). Campaign cell ids include it, so results of an older
+    revision or other defaults are stale, not reused."""
+    cls = BASELINES[name]
+    return {"revision": cls.revision, "settings": asdict(load_settings(cls.settings_class, model_name, name, {}))}
+
+
 class EditMethod:
     """A way of editing an Editor's model: the memory (`editing.evaluate.MemoryMethod`) or a baseline.
 
@@ -100,6 +108,7 @@ class Baseline(EditMethod):
 
     name = "base"
     settings_class: type = object
+    revision = 1  # raised when a change of the method's code changes its numbers (`baseline_identity`)
 
     def __init__(self, ed, **overrides):
         super().__init__(ed)

