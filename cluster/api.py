@@ -78,6 +78,12 @@ class JobMetrics:
                                             "their memory, by result (ok, failed, conflict: another change to the "
                                             "adapter landed first, abandoned: the coordinator stopped or lost the job, "
                                             "deferred: a failed retrain's backoff).", ["result"], registry=self.registry)
+        # Every series a dashboard takes increase()/rate() of exists from the start at 0: a series born at its
+        # first event (1) shows no increase, so a pool's first restart would never appear.
+        for pool in ("values", "evaluator", "covariance"):
+            self.actor_restarts.labels(pool=pool)
+        for result in ("ok", "failed", "conflict", "abandoned", "deferred"):
+            self.robust_keys_retrains.labels(result)
         self._bound = False
 
     def bind(self, jobs: JobStore, queue: JobQueue) -> "JobMetrics":

@@ -529,6 +529,17 @@ def test_job_thresholds_are_checked_against_the_router():
             JobSpec(memory="m", records=[{}], router=router, threshold=bad).check()
 
 
+def test_counters_the_dashboards_take_increase_of_exist_from_the_start():
+    """A labelled series born at its first event starts at 1, and increase() over it shows 0: the first actor
+    restart of a pool would never appear on the dashboard."""
+    from cluster.api import JobMetrics
+
+    text = JobMetrics().render().decode()
+    for pool in ("values", "evaluator", "covariance"):
+        assert f'kvedit_actor_restarts_total{{pool="{pool}"}} 0.0' in text
+    assert 'kvedit_robust_keys_retrains_total{result="deferred"} 0.0' in text
+
+
 def test_retrain_backoff_doubles_per_failure_and_clears_on_success():
     from cluster.robust import RetrainBackoff
 
@@ -645,7 +656,7 @@ def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records
     metrics = coord.metrics.render().decode()
     assert 'kvedit_robust_keys_retrains_total{result="ok"} 2.0' in metrics
     assert 'kvedit_robust_keys_retrains_total{result="abandoned"} 1.0' in metrics, "a stop is not a failure"
-    assert 'kvedit_robust_keys_retrains_total{result="failed"}' not in metrics
+    assert 'kvedit_robust_keys_retrains_total{result="failed"} 0.0' in metrics, "a series from the start, at 0"
 
     # a job too small to retrain (9 -> 10 rows), then a retrain by hand without --data: the job's row trains
     # with its rephrasings, read back from the job store as the coordinator would
