@@ -46,7 +46,8 @@ OPTIONS: dict[str, tuple[type | tuple, Any]] = {
     "offset": (int, 0),                 # first record of the dataset
     "fluency_prompts": (int, 20),       # prompts generated for the fluency score
     "eval_prompts": (int, 0),           # at most this many paraphrase/neighbourhood/subject prompts per record (0: all)
-    "perplexity_chars": (int, 40_000),  # characters of held-out WikiText for perplexity (0: skip)
+    "perplexity_chars": (int, 40_000),  # held-out WikiText characters for perplexity (0: skip); scored up to
+                                        # `editing.evaluate.perplexity`'s 4,096 tokens (about 17K characters)
     "long_context": (bool, True),       # measure the long-context robustness
     "edit_config": (dict, {}),          # EditConfig overrides, e.g. {"values": {"steps": 10}}
     "value_sample": (int, 32),          # synthetic cells: facts computed with real residuals
