@@ -173,6 +173,39 @@ def test_alphaedit_edits_and_a_second_edit_leaves_the_first_edits_keys_alone(smo
 
 
 @pytest.mark.slow
+def test_a_batch_that_fails_part_way_writes_nothing_and_an_attached_memory_comes_back(smol, probe, monkeypatch):
+    """A batch failing at its second layer (a non-finite update, out of memory) leaves no layer of it written
+    and no key accumulated; a memory attached before the baseline is attached again after it."""
+    first, second = probe["recs"]
+    memory = smol.attach()
+    try:
+        with make_baseline("alphaedit", smol, stats_tokens=STATS_TOKENS, layers=RANGE) as m:
+            assert smol.memory is None, "a baseline edits the bare model"
+            ids = m.edit([first])
+            weights = {layer: m.weight(layer).detach().clone() for layer in m.layers}
+            kept = {layer: k.clone() for layer, k in m.kept.items()}
+            real, calls = m.layer_update, []
+
+            def failing(layer, keys, residual):
+                calls.append(layer)
+                if len(calls) == 2:
+                    raise FloatingPointError("the second layer's update is not finite")
+                return real(layer, keys, residual)
+
+            monkeypatch.setattr(m, "layer_update", failing)
+            with pytest.raises(FloatingPointError):
+                m.edit([second])
+            assert calls == RANGE, "the first layer was written before the failure"
+            assert all(torch.equal(m.weight(layer), weights[layer]) for layer in m.layers), "and put back"
+            assert all(torch.equal(m.kept[layer], kept[layer]) for layer in m.layers)
+            assert m.edit_ids == ids and efficacy(m, [first]) == 1.0
+        assert smol.memory is memory, "the memory attached before is back"
+    finally:
+        smol.detach()
+    _assert_base_model(smol, probe)
+
+
+@pytest.mark.slow
 def test_scr_answers_from_the_retrieved_fact_and_leaves_other_prompts_alone(smol, probe):
     rec, other = probe["recs"]
     with make_baseline("scr", smol) as m:

@@ -81,6 +81,9 @@ class AlphaEdit(Memit):
         return {layer: float(torch.trace(p @ self.c0[layer].double()) / torch.trace(self.c0[layer].double()))
                 for layer, p in self.proj.items()}
 
+    def _batch_state(self) -> dict[str, torch.Tensor]:
+        return {f"kept{layer}": kept for layer, kept in self.kept.items()}
+
     def layer_update(self, layer, keys, residual):
         return alphaedit_update(residual, keys, self.proj[layer], self.kept[layer], self.hp.l2)
 

@@ -115,6 +115,7 @@ class Baseline(EditMethod):
         self.hp = load_settings(self.settings_class, ed.model_name, self.name, overrides)
         self.edit_ids: list[str] = []
         self.active = False
+        self._memory = None
 
     @property
     def layers(self) -> list[int]:
@@ -131,6 +132,7 @@ class Baseline(EditMethod):
     def __enter__(self) -> "Baseline":
         if self.active:
             raise RuntimeError(f"{self.name}: already active")
+        self._memory = self.ed.memory  # a baseline edits the bare model; an attached memory comes back on exit
         self.ed.detach()
         self.ed.spec  # noqa: B018 - the fingerprint is cached on the model: take it from the unedited weights
         self.ed.templates  # noqa: B018 - context templates are sampled from the unedited model
@@ -139,8 +141,13 @@ class Baseline(EditMethod):
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop()
-        self.active = False
+        try:
+            self._stop()
+        finally:
+            self.active = False
+            if self._memory is not None:
+                self.ed.attach(memory=self._memory)
+                self._memory = None
 
     def edit(self, requests) -> list[str]:
         """Write a batch of edits, computed on the model with the earlier batches applied.
@@ -153,9 +160,15 @@ class Baseline(EditMethod):
         self.ed.validate(requests)
         spec = self.ed.spec
         ids = [make_edit_id(spec.model_fingerprint, spec.layer, r.subject, r.prompt, r.target_new) for r in requests]
-        self._edit(requests, ids)
+        with self._all_or_nothing():
+            self._edit(requests, ids)
         self.edit_ids += ids
         return ids
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self):
+        """A batch that fails part-way leaves the method as it was before the batch (see `WeightEditor`)."""
+        yield
 
     def delete(self, edit_ids) -> int:
         """Withdraw single edits. Only methods with `can_delete` (scr) do; the in-place editors cannot
@@ -212,6 +225,26 @@ class WeightEditor(Baseline):
 
     def _prepare(self) -> None:
         """Per-method set-up from `self.c0`, before any weight is swapped."""
+
+    def _batch_state(self) -> dict[str, torch.Tensor]:
+        """Tensors besides the edited weights that a batch changes in place (AlphaEdit's accumulated keys)."""
+        return {}
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self):
+        """A batch that fails at its third layer (a non-finite update, out of memory) must not leave its
+        first two written: the edited copies (and `_batch_state`) are put back as they were."""
+        saved = {layer: p.detach().clone() for layer, p in self._edited.items()}
+        state = {k: t.clone() for k, t in self._batch_state().items()}
+        try:
+            yield
+        except BaseException:
+            with torch.no_grad():
+                for layer, w in saved.items():
+                    self._edited[layer].copy_(w)
+                for k, t in self._batch_state().items():
+                    t.copy_(state[k])
+            raise
 
     def _down(self, layer: int) -> nn.Module:
         down = self.ed.adapter.down_proj(layer)
