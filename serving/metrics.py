@@ -42,6 +42,11 @@ class ServingMetrics:
         self.hit_ratio = Gauge("kvedit_router_hit_ratio", "Fraction of routed tokens whose gate fired", registry=registry)
         self.hit_tokens = Gauge("kvedit_router_hit_tokens", "Tokens whose gate fired (cumulative)", registry=registry)
         self.routed_tokens = Gauge("kvedit_router_tokens", "Tokens seen by the routed layer (cumulative)", registry=registry)
+        # The same as counters: the gauges sum over the memories served now, so they drop when one is removed or
+        # reloaded; these only grow (a memory's counts that went down were reset: they count from zero again).
+        self.hits_counter = Counter("kvedit_routed_hits", "Tokens whose gate fired", registry=registry)
+        self.tokens_counter = Counter("kvedit_routed_tokens", "Tokens seen by the routed layer", registry=registry)
+        self._last_counts: dict[str, tuple[int, int]] = {}
         self.facts = Gauge("kvedit_memory_facts", "Facts loaded", ["memory"], registry=registry)
         self.version = Gauge("kvedit_memory_version", "Memory version served", ["memory"], registry=registry)
         self.follow_errors = Gauge("kvedit_memory_follow_errors", "Versions that could not be followed", ["memory"],
@@ -75,6 +80,7 @@ class ServingMetrics:
         if not status:
             return
         self._observe_one(status)
+        self._count({str(status.get("memory")): (int(status.get("hits", 0)), int(status.get("tokens", 0)))})
         self._observe_hits(int(status.get("hits", 0)), int(status.get("tokens", 0)))
 
     def _observe_one(self, status: dict) -> None:
@@ -86,6 +92,17 @@ class ServingMetrics:
         reload = self.reload.labels(name)  # the series exists from the first scrape, so rate() sees the first reload
         for seconds in status.get("reload_seconds") or ():
             reload.observe(seconds)
+
+    def _count(self, counts: dict[str, tuple[int, int]]) -> None:
+        """Advance the counters by each memory's growth since the last observation."""
+        with _shared_lock:
+            for name, (hits, tokens) in counts.items():
+                last_hits, last_tokens = self._last_counts.get(name, (0, 0))
+                if hits < last_hits or tokens < last_tokens:  # reloaded: counting from zero again
+                    last_hits = last_tokens = 0
+                self.hits_counter.inc(hits - last_hits)
+                self.tokens_counter.inc(tokens - last_tokens)
+            self._last_counts = dict(counts)
 
     def _observe_hits(self, hits: int, tokens: int) -> None:
         self.hit_tokens.set(hits)
@@ -102,12 +119,15 @@ class ServingMetrics:
             return
         hits = tokens = 0
         labels: set[tuple[str, str]] = set()
+        counts: dict[str, tuple[int, int]] = {}
         for status in described.get("memories") or ():
             self._observe_one(status)
             hits, tokens = hits + int(status.get("hits", 0)), tokens + int(status.get("tokens", 0))
+            counts[str(status.get("memory"))] = (int(status.get("hits", 0)), int(status.get("tokens", 0)))
             if not status.get("retired"):
                 labels.add((str(status.get("memory")), str(status.get("memory") == described.get("default")).lower()))
         self._observe_hits(hits, tokens)
+        self._count(counts)
         with _shared_lock:
             for gone in self._served_labels - labels:
                 self.served.remove(*gone)

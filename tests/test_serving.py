@@ -427,6 +427,26 @@ def test_follower_routes_through_the_versions_robust_keys_adapter(tmp_path):
         stop_embedded_redis(root)
 
 
+def test_router_counters_only_grow_when_memories_are_removed_or_reloaded():
+    """The hit/token gauges sum over the memories served now, so a removed memory makes them drop (a
+    delta() over them went negative); the counters advance by each memory's growth only."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.metrics import ServingMetrics
+
+    m = ServingMetrics(CollectorRegistry())
+
+    def seen(*memories):
+        m.observe_memories({"default": "a", "memories": [{"memory": n, "hits": h, "tokens": t} for n, h, t in memories]})
+        return m.hits_counter._value.get(), m.tokens_counter._value.get(), m.routed_tokens._value.get()
+
+    assert seen(("a", 10, 100), ("b", 5, 50)) == (15, 150, 150)
+    assert seen(("a", 12, 120)) == (17, 170, 120), "b removed: the gauge drops, the counters do not"
+    assert seen(("a", 3, 30)) == (20, 200, 30), "a reloaded (its counts restarted): counted from zero"
+    m.observe_memory({"memory": "a", "hits": 4, "tokens": 40})
+    assert m.tokens_counter._value.get() == 210
+
+
 def test_tensor_parallel_ranks_share_versions_with_their_own_adapter_columns(tmp_path):
     """Under TP, rank 0 stages a version with a REP adapter and sends it to the other ranks (vLLM pickles it):
     what travels must pickle (no rank's all-gather closure), and each rank serves the adapter on its own columns."""
