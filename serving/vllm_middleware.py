@@ -19,6 +19,7 @@ still runs, with a random one-off cache salt (no stale prefix reuse) and version
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -32,6 +33,14 @@ from serving.openai_api import ServedVersion, cache_salt
 logger = logging.getLogger(__name__)
 
 SALTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+# GET /metrics waits this long for the memory refresh (an RPC that runs between engine steps, so a long prefill
+# delays it); past it the scrape gets the last values and the refresh lands when the step ends.
+METRICS_REFRESH_S = 2.0
+
+
+def _log_refresh_error(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("kvedit: cannot refresh memory metrics: %s", task.exception())
 
 
 def _first(results) -> dict | None:
@@ -53,14 +62,26 @@ class KveditMiddleware:
             return await self.app(scope, receive, send)
         method, path = scope.get("method"), scope.get("path", "")
         if method == "GET" and path == "/metrics":
-            try:
-                await self.rpc(scope, "kvedit_sync")
-            except Exception as exc:  # metrics must not fail because of the memory
-                logger.warning("kvedit: cannot refresh memory metrics: %s", exc)
+            await self.refresh_metrics(scope)
             return await self.app(scope, receive, send)
         if method != "POST" or path not in SALTED_PATHS:
             return await self.app(scope, receive, send)
         await _Exchange(self, scope, receive, send).run()
+
+    async def refresh_metrics(self, scope, timeout: float = METRICS_REFRESH_S) -> bool:
+        """Refresh the memory metrics through `kvedit_sync`, waiting at most `timeout` s (a scrape must not
+        time out behind a long step). A refresh still running goes on and updates the metrics when the step
+        ends (its drained reload latencies are not lost). True if it finished in time."""
+        task = asyncio.ensure_future(self.rpc(scope, "kvedit_sync"))
+        task.add_done_callback(_log_refresh_error)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+            return True
+        except asyncio.TimeoutError:
+            logger.debug("kvedit: memory metrics refresh still running after %.1f s; last values served", timeout)
+        except Exception:  # noqa: BLE001 - logged by the callback; metrics must not fail because of the memory
+            pass
+        return False
 
     async def rpc(self, scope, method: str) -> dict | None:
         """Call a kvedit worker RPC; the first worker's answer (TP ranks agree). Updates metrics."""

@@ -254,6 +254,41 @@ def test_requested_memory_from_model_field_and_header():
         assert exc.value.status == 404
 
 
+def test_metrics_scrape_does_not_wait_for_a_long_engine_step():
+    """GET /metrics refreshes the memory metrics through an RPC that runs between engine steps; behind a
+    long step the scrape is answered with the last values (a 5 s scrape timeout would mark the replica
+    down), and the refresh still lands (its reload latencies are not lost)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from serving.metrics import ServingMetrics
+    from serving.vllm_middleware import KveditMiddleware
+
+    class Engine:
+        async def collective_rpc(self, method, args=()):
+            await asyncio.sleep(0.5)  # the step in progress
+            return [{"memory": "m", "version": 7, "facts": 3, "reload_seconds": [0.25]}]
+
+    mw = KveditMiddleware(app=None)
+    mw.metrics = ServingMetrics(CollectorRegistry())
+    scope = {"app": SimpleNamespace(state=SimpleNamespace(engine_client=Engine()))}
+
+    async def scrape():
+        t0 = time.monotonic()
+        done = await mw.refresh_metrics(scope, timeout=0.05)
+        waited = time.monotonic() - t0
+        before = mw.metrics.version.labels("m")._value.get()
+        await asyncio.sleep(0.7)
+        return done, waited, before
+
+    done, waited, before = asyncio.run(scrape())
+    assert not done and waited < 0.3 and before == 0, "answered without the refresh"
+    assert mw.metrics.version.labels("m")._value.get() == 7, "the refresh landed when the step ended"
+    assert mw.metrics.reload.labels("m")._sum.get() == 0.25
+
+
 def test_multi_middleware_rewrites_the_request_and_reports_its_memory():
     """The multi-memory middleware on a stand-in app and engine (no vLLM): memory choice -> vllm_xargs, salt,
     reporting, /v1/models and the admin endpoint's auth."""
