@@ -510,6 +510,12 @@ class MemoryFollower:
                         u.staged_at - (u.committed_at or u.staged_at), t0 - u.staged_at, now - t0)
         return bool(applied)
 
+    def retry_later(self, message: str, failed: int) -> None:
+        """`failed` did not apply elsewhere (another TP rank): stage again from the loaded version after the
+        backoff `_restage` keeps, as if it had failed here."""
+        with self.routed.lock:
+            self._restage(message, failed=failed)
+
     def _restage(self, message: str, failed: int | None = None) -> None:
         """A staged version did not apply and left the layer as it was: drop what is staged (later deltas
         build on it) and have the watcher stage again from the loaded version. Under `routed.lock`.

@@ -94,6 +94,13 @@ class _TensorParallelSync:
     def share(self, obj):
         return self.group.broadcast_object(obj if self.leader else None, src=0)
 
+    def version_range(self, version: int | None) -> tuple[int, int]:
+        """(lowest, highest) memory version over the TP group's ranks (None counts as -1)."""
+        v = -1 if version is None else int(version)
+        both = torch.tensor([v, -v], dtype=torch.int64)
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=self.group.cpu_group)
+        return -int(both[1]), int(both[0])
+
     def share_updates(self, updates: list[StagedUpdate]) -> list[StagedUpdate]:
         flag = torch.tensor([1 if updates else 0], dtype=torch.int32)
         torch.distributed.broadcast(flag, src=self.group.ranks[0], group=self.group.cpu_group)
@@ -160,6 +167,23 @@ class WorkerMemory:
             updates = [self.follower.localize(u) for u in self.tp.share_updates([])]
         if updates:
             self.follower.apply(updates)
+            self._agree()
+
+    def _agree(self) -> None:
+        """After an apply under TP, every rank must hold the same version (each routes on its own key columns
+        of the same rows). A rank that could not apply (out of memory on its device) stays where it was, so
+        every rank goes back to the lowest version held, and rank 0 stages again from there after its backoff.
+        A rank that cannot even load that version fails the step: ranks that disagree must not serve."""
+        low, high = self.tp.version_range(self.follower.routed.version)
+        if low == high:
+            return
+        logger.warning("memory %r: TP ranks hold v%d..v%d after an apply; all go back to v%d",
+                       self.follower.name, low, high, low)
+        if self.follower.routed.version != low:
+            self.follower.load(low)
+        if self.tp.leader:
+            self.follower.retry_later(f"memory {self.follower.name!r}: another TP rank could not apply v{high}; "
+                                      f"serving v{low}", failed=high)
 
     def status(self, drain: bool = False) -> dict:
         status = self.follower.status(drain=drain)

@@ -519,6 +519,95 @@ def test_tensor_parallel_ranks_share_versions_with_their_own_adapter_columns(tmp
         stop_embedded_redis(root)
 
 
+def test_tensor_parallel_ranks_go_back_together_when_one_rank_cannot_apply(tmp_path):
+    """Under TP a version that one rank cannot apply (out of memory on its device) must not leave rank 0 on
+    the new version and that rank on the old one (their partial scores would sum different rows): every
+    rank goes back to the version all hold, rank 0 stages again after its backoff, and once the rank can
+    apply, all move on together. Two ranks in threads, with the collectives done in process."""
+    import pickle
+
+    from serving.vllm_models import WorkerMemory
+
+    spec = MemorySpec("fp-unit", 2, 16, 8)
+    root = tmp_path / "s"
+    s = MemoryStore(root)
+    barrier = threading.Barrier(2, timeout=30)
+    hub: dict = {}
+
+    class GroupTP:  # torch.distributed's broadcast and all_reduce over two ranks, in one process
+        def __init__(self, rank: int):
+            self.rank, self.leader = rank, rank == 0
+
+        def _exchange(self, value):
+            hub[self.rank] = value
+            barrier.wait()
+            both = [hub[0], hub[1]]
+            barrier.wait()
+            return both
+
+        def share_updates(self, updates):
+            return pickle.loads(self._exchange(pickle.dumps(updates) if self.leader else None)[0])
+
+        def share(self, obj):
+            return self._exchange(obj)[0]
+
+        def version_range(self, version):
+            vs = [-1 if v is None else v for v in self._exchange(version)]
+            return min(vs), max(vs)
+
+    ranks = []
+    try:
+        s.create("m", spec, {"name": "cosine", "threshold": 0.5})
+        s.commit("m", synthetic_rows(spec, ["a", "b"]))
+        pool = torch.tensor(synthetic_rows(spec, ["a", "b"]).column("key").to_pylist()
+                            + synthetic_rows(spec, ["c"], seed=1).column("key").to_pylist())
+
+        def all_gather(part: torch.Tensor) -> torch.Tensor:  # each row: the whole key its slice was cut from
+            return torch.stack([next(w for w in pool for a in (0, 8) if torch.equal(w[a:a + 8], p)) for p in part])
+
+        settings = MemorySettings(MemoryRef("m"), store=str(root), redis_url=embedded_url(root), poll_seconds=0.05)
+        for rank in (0, 1):
+            resolved = resolve_memory(settings, ServedModel("fp-unit", 4, 16, 8))
+            shard = KeyShard(8 * rank, 8 * rank + 8, all_gather)
+            f = MemoryFollower(resolved, build_routed(resolved, shard=shard), shard=shard, watch=False,
+                               poll_seconds=0.05)
+            f.load(1)
+            ranks.append(WorkerMemory(f, GroupTP(rank)))
+            ranks[-1].started = True
+        s.commit("m", synthetic_rows(spec, ["c"], seed=1))
+        real_apply = ranks[1].follower.routed.apply
+
+        def out_of_memory(*args, **kwargs):
+            raise RuntimeError("CUDA out of memory (stand-in)")
+
+        ranks[1].follower.routed.apply = out_of_memory
+
+        def step():
+            threads = [threading.Thread(target=w.boundary) for w in ranks]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+
+        assert ranks[0].follower.catch_up()  # rank 0's watcher stages v2
+        step()
+        assert [w.follower.routed.version for w in ranks] == [1, 1], "both went back to the version both hold"
+        assert [sorted(w.follower.routed.slots) for w in ranks] == [["a", "b"]] * 2
+        leader = ranks[0].follower
+        assert leader.errors >= 1 and leader.status()["staged_version"] == 1, "rank 0 stages again from v1"
+        ranks[1].follower.routed.apply = real_apply  # the device has room again
+        time.sleep(0.2)  # past the backoff
+        assert leader.catch_up()
+        step()
+        assert [w.follower.routed.version for w in ranks] == [2, 2]
+        assert [sorted(w.follower.routed.slots) for w in ranks] == [["a", "b", "c"]] * 2
+    finally:
+        for w in ranks:
+            w.follower.close()
+        s.close()
+        stop_embedded_redis(root)
+
+
 def test_tensor_parallel_ranks_agree_on_the_capacity_of_a_memory_that_grew_between_their_reads(tmp_path):
     """Each TP rank resolves the memory itself; a commit landing between two ranks' reads must not give them
     buffers of different shapes (their partial scores [T, capacity] are all-reduced): rank 0's capacity wins."""
