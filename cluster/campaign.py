@@ -153,8 +153,10 @@ class Cell:
 
         if self.method in BASELINES:  # a baseline's code revision and resolved settings
             key["baseline"] = baseline_identity(self.method, self.model)
-        if method_variant(self.method)[2]:  # numbers as floats: placement 0 and 0.0 are one cell
-            key["calibration"] = {k: v if v is None else float(v) for k, v in calibration_config(self.options).items()}
+        if method_variant(self.method)[2]:  # float fields as floats: placement 0 and 0.0 are one cell
+            ints = _calibration_ints()
+            key["calibration"] = {k: v if v is None or k in ints else float(v)
+                                  for k, v in calibration_config(self.options).items()}
         overrides = {**self.options.get("edit_config", {}), "layer": self.layer, "seed": self.seed}
         key["edit_settings"] = EditConfig.for_model(self.model, **overrides).to_dict()
         from editing.evaluate import NLL, success_metric
@@ -387,13 +389,24 @@ def _check_edit_config(model: str, overrides: dict, source) -> None:
         raise CampaignSpecError("options.edit_config", str(exc), source) from exc
 
 
+def _calibration_ints() -> set[str]:
+    """The integer fields of `CalibrationConfig` (the others are floats)."""
+    import typing
+
+    from editing.calibrate import CalibrationConfig
+
+    return {k for k, t in typing.get_type_hints(CalibrationConfig).items() if int in (t, *typing.get_args(t))}
+
+
 def _check_calibration(options: dict, source) -> None:
     from editing.calibrate import CalibrationConfig
 
-    cfg = calibration_config(options)
+    cfg, ints = calibration_config(options), _calibration_ints()
     for k, v in cfg.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float, type(None))):
-            raise CampaignSpecError(f"options.calibration.{k}", f"expected a number, got {v!r}", source)
+        ok = v is None or (not isinstance(v, bool) and isinstance(v, int if k in ints else (int, float)))
+        if not ok:
+            raise CampaignSpecError(f"options.calibration.{k}", f"expected {'an integer' if k in ints else 'a number'}"
+                                    f", got {v!r}", source)
     try:
         CalibrationConfig(**cfg)
     except (TypeError, ValueError) as exc:
@@ -584,6 +597,7 @@ def run_campaign(spec: CampaignSpec, store: str | None = None, ray_address: str 
     owns_ray = connect_ray(ray_address, local_cpu_slots(workers), log_to_driver=False)
     pool = ActorPool(CampaignEvaluator, workers, "campaign")
     try:
+        pool.broadcast("setup", threads)  # fails (PoolError) when actors cannot be placed or do not start
         by_id = {c.cell_id: c for c in todo}
         outcomes = pool.run([c.cell_id for c in todo],
                             lambda actor, cid: actor.run_cell.remote(by_id[cid].to_dict(), threads))
@@ -597,8 +611,11 @@ def run_campaign(spec: CampaignSpec, store: str | None = None, ray_address: str 
                 log.warning("campaign %s: cell %s failed: %s", spec.name, cell.cell_id, msg)
                 log.debug("".join(traceback.format_exception(oc.error)))
                 row = results.write_cell(cell, error=msg)
-                run.failed += 1
-                run.errors[cell.cell_id] = msg
+                if row["status"] == "ok":  # another run of the campaign finished it meanwhile: its result stands
+                    run.ok += 1
+                else:
+                    run.failed += 1
+                    run.errors[cell.cell_id] = msg
             if on_cell:
                 on_cell(cell, row)
     finally:

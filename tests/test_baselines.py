@@ -67,6 +67,15 @@ def test_rome_batch_update_writes_every_target_of_the_batch():
     torch.testing.assert_close(keys @ (w + delta).T, targets)
     assert torch.linalg.matrix_rank(delta) == n
     torch.testing.assert_close(batch_update(w, keys[:1], targets[:1], c0), rank_one_update(w, keys[0], targets[0], c0))
+    # one subject edited twice: keys equal up to rounding, targets different. No map meets both; the update
+    # must stay bounded (the mean of the two) instead of growing as 1 / rounding
+    for eps in (0.0, 1e-9, 1e-5):
+        twin = keys.clone()
+        twin[1] = keys[0] + eps * torch.randn(d_key, generator=g, dtype=torch.float64)
+        delta = batch_update(w, twin, targets, c0)
+        assert torch.linalg.norm(delta) < 10 * torch.linalg.norm(batch_update(w, keys, targets, c0)), eps
+        torch.testing.assert_close(twin[0] @ (w + delta).T, (targets[0] + targets[1]) / 2, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(twin[2:] @ (w + delta).T, targets[2:], atol=1e-5, rtol=1e-5)
 
 
 def test_memit_update_is_the_least_squares_solution_with_c0_prior():

@@ -40,6 +40,7 @@ grid: {method: [cosine], T: [10]}
     (GOOD + "options: {calibration: {target_rate: 2}}\n", "options.calibration"),
     (GOOD + "options: {calibration: {rate: 0.01}}\n", "options.calibration"),
     (GOOD + "options: {calibration: {placement: true}}\n", "options.calibration.placement"),
+    (GOOD + "options: {calibration: {max_edits: 1024.0}}\n", "options.calibration.max_edits"),  # an integer
     (GOOD + "options: {edit_config: {layer: 3}}\n", "options.edit_config.layer"),  # the grid's layer axis sets it
     (GOOD + "options: {edit_config: {seed: 7}}\n", "options.edit_config.seed"),
     (GOOD.replace("method: [cosine]", "method: [cosine, rome]").replace("T: [10]", "T: [10], threshold: [0.5]"),
