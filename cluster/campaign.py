@@ -153,7 +153,7 @@ class Cell:
 
         if self.method in BASELINES:  # a baseline's code revision and resolved settings
             key["baseline"] = baseline_identity(self.method, self.model)
-        if method_variant(self.method)[2]:  # float fields as floats: placement 0 and 0.0 are one cell
+        if "cal" in self.method.split("+")[1:]:  # calibrated; float fields as floats: placement 0 and 0.0 are one cell
             ints = _calibration_ints()
             key["calibration"] = {k: v if v is None or k in ints else float(v)
                                   for k, v in calibration_config(self.options).items()}

@@ -493,6 +493,9 @@ def test_tensor_parallel_ranks_share_versions_with_their_own_adapter_columns(tmp
             def share(self, obj):
                 return obj
 
+            def version_range(self, version):  # every rank applies here (the disagreement has its own test)
+                return version, version
+
         settings = MemorySettings(MemoryRef("m"), store=str(root), redis_url=embedded_url(root))
         for rank in (0, 1):
             resolved = resolve_memory(settings, ServedModel("fp-unit", 4, 16, 8))
