@@ -230,14 +230,16 @@ def select_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:
         except yaml.YAMLError as exc:
             raise CampaignSpecError(f"--only {term}", f"not a YAML value: {exc}") from exc
         wanted.setdefault(name, []).append(value)
-    if "batch" in wanted:  # as written in the grid: a cell's batch is capped at its T
-        out = [c for c in cells if all(_matches(getattr(c, k), vs) for k, vs in wanted.items() if k != "batch")
-               and any(_is_int(w) and c.batch == min(w, c.T) for w in wanted["batch"])]
-    else:
-        out = [c for c in cells if all(_matches(getattr(c, k), vs) for k, vs in wanted.items())]
+    out = [c for c in cells if all(_cell_matches(c, k, vs) for k, vs in wanted.items())]
     if not out:
         raise CampaignSpecError("--only " + " ".join(only), f"matches none of the {len(cells)} cells of the grid")
     return out
+
+
+def _cell_matches(cell: Cell, name: str, wanted: list) -> bool:
+    if name == "batch":  # as written in the grid: a cell's batch is capped at its T
+        return any(_is_int(w) and cell.batch == min(w, cell.T) for w in wanted)
+    return _matches(getattr(cell, name), wanted)
 
 
 def _matches(value, wanted: list) -> bool:

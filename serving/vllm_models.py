@@ -174,14 +174,15 @@ class WorkerMemory:
         of the same rows). A rank that could not apply (out of memory on its device) stays where it was, so
         every rank goes back to the lowest version held, and rank 0 stages again from there after its backoff.
         A rank that cannot even load that version fails the step: ranks that disagree must not serve."""
-        low, high = self.tp.version_range(self.follower.routed.version)
+        mine = self.follower.routed.version
+        low, high = self.tp.version_range(mine)
         if low == high:
             return
         logger.warning("memory %r: TP ranks hold v%d..v%d after an apply; all go back to v%d",
                        self.follower.name, low, high, low)
-        if self.follower.routed.version != low:
+        if mine != low:
             self.follower.load(low)
-        if self.tp.leader:
+        if self.tp.leader and mine == high:  # rank 0 applied: the failure elsewhere backs it off (its own is counted)
             self.follower.retry_later(f"memory {self.follower.name!r}: another TP rank could not apply v{high}; "
                                       f"serving v{low}", failed=high)
 

@@ -9,7 +9,7 @@ so the edited layer maps k to v* exactly while moving other keys as little as po
 C0's metric. A batch of n edits (keys K [n, d_key], targets V* [n, d_model]) gets the rank-n
 update with the same two properties for every key at once,
 
-    ΔW = (V* - K W^T)^T (K C0^-1 K^T)^-1 (C0^-1 K^T)^T
+    ΔW = (V* - K W^T)^T (K C0^-1 K^T)^+ (C0^-1 K^T)^T
 
 (successive rank-one updates would each move the earlier keys of the batch off their targets by
 k_j^T C0^-1 k_i; for n = 1 both are the update above). Two edits of one key with different targets
@@ -48,7 +48,8 @@ def rank_one_update(w: torch.Tensor, key: torch.Tensor, target: torch.Tensor, c0
 
 
 def batch_update(w: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
-    """ΔW [d_model, d_key] (float64) with (W + ΔW) k_i = v*_i for every row, of least C0-weighted size.
+    """ΔW [d_model, d_key] (float64) with (W + ΔW) k_i = v*_i for every row, of least C0-weighted size
+    (in the least-squares sense where keys nearly coincide: `GRAM_RTOL`).
 
     w [d_model, d_key], keys K [n, d_key], targets V* [n, d_model], c0 [d_key, d_key].
     """
