@@ -62,6 +62,7 @@ from serving.settings import MemoryRef, MemorySettings
 logger = logging.getLogger(__name__)
 
 CHAT_DEFAULT_MAX_TOKENS = 512  # chat requests without max_tokens (bounded: CPU serving)
+HF_PATHS = ("/v1/completions", "/v1/chat/completions")  # the inference endpoints this backend serves
 
 
 class ApiError(Exception):
@@ -236,6 +237,7 @@ def create_app(model: str, settings: MemorySettings | None = None, api_key: str 
     name = served_model_name or model
     registry = CollectorRegistry()
     metrics = ServingMetrics(registry)
+    metrics.declare_endpoints(HF_PATHS)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -265,7 +267,7 @@ def create_app(model: str, settings: MemorySettings | None = None, api_key: str 
     async def _observe(request: Request, call_next):
         t0 = time.perf_counter()
         response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
+        if request.method == "POST" and request.url.path in HF_PATHS:  # as the vLLM middleware counts
             metrics.observe_request(request.url.path, response.status_code, time.perf_counter() - t0,
                                     getattr(request.state, "usage", None))
         return response
@@ -332,7 +334,7 @@ def create_app(model: str, settings: MemorySettings | None = None, api_key: str 
     def admin_remove(memory: str):
         return admin_call(backend.remove, memory)
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    @app.post(HF_PATHS[0], dependencies=[Depends(check_key)])
     def completions(req: CompletionRequest, request: Request, x_kvedit_memory: str | None = Header(default=None)):
         memory = check_common(req, x_kvedit_memory)
         if req.logprobs is not None:
@@ -350,7 +352,7 @@ def create_app(model: str, settings: MemorySettings | None = None, api_key: str 
         request.state.usage = usage
         return JSONResponse(completion_response(req.model, choices, usage, served), headers=served.headers())
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post(HF_PATHS[1], dependencies=[Depends(check_key)])
     def chat(req: ChatCompletionRequest, request: Request, x_kvedit_memory: str | None = Header(default=None)):
         memory = check_common(req, x_kvedit_memory)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]

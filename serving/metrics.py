@@ -1,6 +1,7 @@
 """Prometheus metrics shared by both backends (same names whether served by vLLM or transformers).
 
-    kvedit_requests_total{endpoint,status}         completed HTTP requests
+    kvedit_requests_total{endpoint,status}         completed inference requests (POST to an `INFERENCE_PATHS`
+                                                   endpoint; series exist at 0 for `DECLARED_STATUSES` from the start)
     kvedit_prompt_tokens_total / kvedit_completion_tokens_total   tokens in / out
     kvedit_request_latency_seconds{endpoint}       request latency histogram
     kvedit_output_token_latency_seconds            latency / completion tokens, per request
@@ -22,6 +23,13 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _RELOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+# The endpoints `kvedit_requests_total` and the latency histogram count, on both backends (the hf backend serves
+# the first two). Only these paths become label values: any other path would add a series per distinct URL.
+INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+# Statuses whose series are created at 0 when a backend declares its endpoints, so that `increase()` and `rate()`
+# see the first error of a kind (a series born at 1 has no increase until its second sample).
+DECLARED_STATUSES = ("200", "400", "401", "404", "500", "503")
 
 _shared: dict[int, "ServingMetrics"] = {}
 _shared_lock = threading.Lock()
@@ -65,7 +73,19 @@ class ServingMetrics:
                 _shared[id(registry)] = cls(registry)
             return _shared[id(registry)]
 
+    def declare_endpoints(self, paths: tuple[str, ...]) -> None:
+        """Create the request series of the inference endpoints a backend serves, at 0."""
+        for path in paths:
+            if path not in INFERENCE_PATHS:
+                raise ValueError(f"{path!r} is not an inference endpoint ({', '.join(INFERENCE_PATHS)})")
+            for status in DECLARED_STATUSES:
+                self.requests.labels(path, status)
+            self.latency.labels(path)
+
     def observe_request(self, endpoint: str, status: int, seconds: float, usage: dict | None) -> None:
+        """Count one completed request to `endpoint` (one of `INFERENCE_PATHS`; other paths are not counted)."""
+        if endpoint not in INFERENCE_PATHS:
+            return
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
         if usage:

@@ -27,12 +27,12 @@ import uuid
 
 from prometheus_client import REGISTRY
 
-from serving.metrics import ServingMetrics
+from serving.metrics import INFERENCE_PATHS, ServingMetrics
 from serving.openai_api import ServedVersion, cache_salt
 
 logger = logging.getLogger(__name__)
 
-SALTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+SALTED_PATHS = INFERENCE_PATHS
 # GET /metrics waits this long for the memory refresh (an RPC that runs between engine steps, so a long prefill
 # delays it); past it the scrape gets the last values and the refresh lands when the step ends.
 METRICS_REFRESH_S = 2.0
@@ -56,6 +56,7 @@ class KveditMiddleware:
     def __init__(self, app):
         self.app = app
         self.metrics = ServingMetrics.shared(REGISTRY)
+        self.metrics.declare_endpoints(SALTED_PATHS)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

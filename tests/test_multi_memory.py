@@ -289,6 +289,29 @@ def test_metrics_scrape_does_not_wait_for_a_long_engine_step():
     assert mw.metrics.reload.labels("m")._sum.get() == 0.25
 
 
+def test_request_series_exist_from_the_start_and_only_for_inference_endpoints():
+    """`increase()` needs a series before its first event: a backend's declared endpoints export their request
+    counts at 0 (the first 500 shows on the dashboard); other paths never become label values."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from serving.metrics import ServingMetrics
+
+    m = ServingMetrics(CollectorRegistry())
+    m.declare_endpoints(("/v1/completions", "/v1/chat/completions"))
+    text = generate_latest(m.registry).decode()
+    assert 'kvedit_requests_total{endpoint="/v1/chat/completions",status="500"} 0.0' in text
+    assert 'kvedit_request_latency_seconds_count{endpoint="/v1/completions"} 0.0' in text
+    assert "/v1/responses" not in text, "only what the backend declares"
+    m.observe_request("/v1/completions", 500, 0.1, None)
+    m.observe_request("/v1/models", 200, 0.1, None)
+    m.observe_request("/v1/completions/../../x", 404, 0.1, None)
+    text = generate_latest(m.registry).decode()
+    assert 'kvedit_requests_total{endpoint="/v1/completions",status="500"} 1.0' in text
+    assert "/v1/models" not in text and "../" not in text
+    with pytest.raises(ValueError, match="/v1/models"):
+        m.declare_endpoints(("/v1/models",))
+
+
 def test_multi_middleware_rewrites_the_request_and_reports_its_memory():
     """The multi-memory middleware on a stand-in app and engine (no vLLM): memory choice -> vllm_xargs, salt,
     reporting, /v1/models and the admin endpoint's auth."""

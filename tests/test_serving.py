@@ -858,6 +858,8 @@ def test_api_key_health_and_metrics(vllm, hf):
         assert lines[f'kvedit_memory_facts{{memory="{MEMORY}"}}'] == 1
         assert lines[f'kvedit_memory_reload_seconds_count{{memory="{MEMORY}"}}'] >= 3
         assert lines['kvedit_requests_total{endpoint="/v1/completions",status="200"}'] > 0
+        assert 'kvedit_requests_total{endpoint="/v1/chat/completions",status="500"}' in lines, "declared at start"
+        assert not any('endpoint="/v1/models"' in k for k in lines), "the same endpoints on both backends"
         assert lines["kvedit_completion_tokens_total"] > 0 and 0 < lines["kvedit_router_hit_ratio"] < 1
         reload = lines[f'kvedit_memory_reload_seconds_sum{{memory="{MEMORY}"}}'] / lines[f'kvedit_memory_reload_seconds_count{{memory="{MEMORY}"}}']
         STATE["vllm_reload_mean_seconds" if client is vllm else "hf_reload_mean_seconds"] = reload
