@@ -29,9 +29,25 @@ def register_adapter(*model_types: str):
     return deco
 
 
+# Families whose FFN output does not go straight into the residual stream, so a residual added to the
+# down-projection's output is not the one the value optimiser fits there (refused rather than edited wrongly).
+_REFUSED = {
+    "gemma2": "its FFN output passes a post-feedforward norm before the residual add",
+    "gemma3": "its FFN output passes a post-feedforward norm before the residual add",
+    "gemma3_text": "its FFN output passes a post-feedforward norm before the residual add",
+    "olmo2": "its FFN output passes a post-feedforward norm before the residual add",
+    "granite": "its FFN output is scaled by residual_multiplier before the residual add",
+}
+
+
 def get_adapter(model: nn.Module) -> "ArchAdapter":
     """The adapter for a loaded HF causal LM (by `config.model_type`)."""
     mt = getattr(model.config, "model_type", None)
+    if mt in _REFUSED:
+        raise UnsupportedModelError(f"model_type {mt!r} is not supported: {_REFUSED[mt]}")
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise UnsupportedModelError(f"model_type {mt!r} is not supported: its logits are soft-capped "
+                                    "(final_logit_softcapping), which the value optimiser's LM head does not apply")
     if mt not in _ADAPTERS:
         raise UnsupportedModelError(
             f"model_type {mt!r} is not supported; supported: {', '.join(sorted(_ADAPTERS))}"
@@ -103,7 +119,7 @@ class ArchAdapter:
         return self.model.get_output_embeddings()
 
 
-@register_adapter("llama", "qwen2", "mistral", "smollm3", "qwen3")
+@register_adapter("llama", "qwen2", "mistral", "smollm3", "qwen3", "gemma", "phi3", "olmo", "stablelm")
 class LlamaAdapter(ArchAdapter):
     layers_path = "model.layers"
     mlp_attr = "mlp"
@@ -134,3 +150,21 @@ class GPTNeoXAdapter(ArchAdapter):
     mlp_attr = "mlp"
     down_attr = "dense_4h_to_h"
     final_norm_path = "gpt_neox.final_layer_norm"
+
+
+@register_adapter("phi")
+class PhiAdapter(ArchAdapter):
+    """Phi-1/1.5/2: attention and FFN in parallel, both added to the block's input."""
+
+    layers_path = "model.layers"
+    mlp_attr = "mlp"
+    down_attr = "fc2"
+    final_norm_path = "model.final_layernorm"
+
+
+@register_adapter("starcoder2")
+class Starcoder2Adapter(ArchAdapter):
+    layers_path = "model.layers"
+    mlp_attr = "mlp"
+    down_attr = "c_proj"
+    final_norm_path = "model.norm"

@@ -163,7 +163,12 @@ def fingerprint(model: torch.nn.Module) -> str:
     """
     cached = getattr(model, "_kvedit_fingerprint", None)
     if cached is None:
-        cached = fingerprint_tensors(model.config, model.state_dict().values())
+        from editing.routed import RoutedDownProj
+
+        # An attached memory is not part of the model: its rows, residuals and adapter are left out.
+        memories = tuple(f"{name}.routed." for name, m in model.named_modules() if isinstance(m, RoutedDownProj))
+        cached = fingerprint_tensors(model.config, [t for k, t in model.state_dict().items()
+                                                    if not k.startswith(memories)])
         model._kvedit_fingerprint = cached
     return cached
 

@@ -249,7 +249,7 @@ def attach(model, adapter, layer: int, routed: RoutedFFN) -> RoutedFFN:
     """Route `layer`'s FFN of an HF model through `routed` (replacing any earlier memory)."""
     down = adapter.down_proj(layer)
     base = down.base if isinstance(down, RoutedDownProj) else down
-    routed.to(next(model.parameters()).device)
+    routed.to(adapter.down_weight(layer).device)  # the edit layer's device (a sharded model spans several)
     adapter.set_down_proj(layer, RoutedDownProj(base, routed))
     return routed
 

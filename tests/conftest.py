@@ -14,7 +14,8 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def tiny_config(family: str):
     """A small, randomly initialised config of each supported family (no download)."""
-    from transformers import (GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config)
+    from transformers import (GemmaConfig, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                              OlmoConfig, Phi3Config, PhiConfig, Qwen2Config, StableLmConfig, Starcoder2Config)
 
     vocab = 49152  # shares the default model's tokenizer
     if family == "llama":
@@ -33,10 +34,25 @@ def tiny_config(family: str):
     if family == "gpt_neox":
         return GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                              num_attention_heads=4, max_position_embeddings=256)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  max_position_embeddings=256)
+    if family == "gemma":
+        return GemmaConfig(**common, num_key_value_heads=2, head_dim=8)
+    if family == "phi":
+        return PhiConfig(**common, partial_rotary_factor=0.5)
+    if family == "phi3":
+        return Phi3Config(**common, num_key_value_heads=2, pad_token_id=0)
+    if family == "olmo":
+        return OlmoConfig(**common, num_key_value_heads=2, pad_token_id=0)
+    if family == "stablelm":
+        return StableLmConfig(**common, num_key_value_heads=2)
+    if family == "starcoder2":
+        return Starcoder2Config(**common, num_key_value_heads=2)
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "gptj", "gpt_neox"]
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "gptj", "gpt_neox", "gemma", "phi", "phi3", "olmo", "stablelm",
+            "starcoder2"]
 
 
 @pytest.fixture(scope="session")

@@ -193,6 +193,35 @@ def test_unsupported_family_is_refused():
         get_adapter(model)
 
 
+def test_families_whose_ffn_output_is_normed_or_scaled_are_refused():
+    """Gemma-2 norms the FFN output before the residual add and soft-caps its logits: a residual fitted in the
+    residual stream would be applied in the wrong place, so the family is refused with the reason."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    cfg = Gemma2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    with pytest.raises(UnsupportedModelError, match="post-feedforward norm"):
+        get_adapter(AutoModelForCausalLM.from_config(cfg))
+    capped = build_tiny("llama")
+    capped.config.final_logit_softcapping = 30.0
+    with pytest.raises(UnsupportedModelError, match="soft-capped"):
+        get_adapter(capped)
+
+
+def test_fingerprint_leaves_out_an_attached_memory(tokenizer):
+    """Edit ids, memory specs and cached statistics carry the model's fingerprint: computed while a memory is
+    attached (as `kvedit eval` first did) it must still be the plain model's, the one a replica serves."""
+    from editing.models import fingerprint
+
+    plain = fingerprint(build_tiny("llama"))
+    model = build_tiny("llama")
+    ad = get_adapter(model)
+    mem = attach(model, ad, 1, RoutedFFN(make_router("cosine"), ad.d_key, ad.d_model))
+    mem.add(["e1"], torch.randn(1, ad.d_key), torch.randn(1, ad.d_model))
+    assert fingerprint(model) == plain
+    assert fingerprint(build_tiny("llama", seed=1)) != plain, "other weights, another fingerprint"
+
+
 def test_layer_out_of_range(tokenizer):
     ad = get_adapter(build_tiny("llama"))
     with pytest.raises(ValueError, match="out of range"):
