@@ -20,6 +20,8 @@ def target_nll(model, tok, prompts: list[str], targets: list[str], batch_size: i
         seqs, spans = [], []
         for p, t in zip(prompts[i: i + batch_size], targets[i: i + batch_size]):
             p_ids = tok(p)["input_ids"]
+            if not p_ids:  # the target's first token would be scored at another position
+                raise ValueError(f"prompt {p!r} has no tokens to score {t!r} after")
             t_ids = target_token_ids(tok, p, t)
             seqs.append(p_ids + t_ids)
             spans.append((len(p_ids), t_ids))

@@ -10,9 +10,12 @@ A file is a JSON list or JSONL. Every error names the file, the record and the f
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Iterable
+
+logger = logging.getLogger(__name__)
 
 
 class EditRecordError(ValueError):
@@ -61,26 +64,38 @@ class EditRequest:
         return asdict(self)
 
 
-def _req_str(rec: dict, key: str, index: int, case_id, source, allow_empty=False) -> str:
+def _req_str(rec: dict, key: str, index: int, case_id, source, allow_empty=False, within: str = "") -> str:
+    """`rec[key]`, a non-empty string; errors name the field as `within` + key (e.g. "requested_rewrite.")."""
+    name = within + key
     if key not in rec:
-        raise EditRecordError(index, key, "missing", case_id, source)
+        raise EditRecordError(index, name, "missing", case_id, source)
     val = rec[key]
     if not isinstance(val, str):
-        raise EditRecordError(index, key, f"expected a string, got {type(val).__name__}", case_id, source)
+        raise EditRecordError(index, name, f"expected a string, got {type(val).__name__}", case_id, source)
     if not allow_empty and not val.strip():
-        raise EditRecordError(index, key, "empty", case_id, source)
+        raise EditRecordError(index, name, "empty", case_id, source)
     return val
 
 
 def _str_list(rec: dict, key: str, index: int, case_id, source) -> list[str]:
+    """An evaluation list of prompts. Empty entries are left out with a warning naming them: an empty prompt has
+    no tokens to score after (the shared CounterFact sets hold a few empty paraphrases)."""
     val = rec.get(key)
     if val is None:
         return []
     if isinstance(val, str):
-        return [val]
-    if not isinstance(val, list) or not all(isinstance(x, str) for x in val):
+        val = [val]
+    if not isinstance(val, list):
         raise EditRecordError(index, key, "expected a list of strings", case_id, source)
-    return list(val)
+    bad = next((i for i, x in enumerate(val) if not isinstance(x, str)), None)
+    if bad is not None:
+        raise EditRecordError(index, f"{key}[{bad}]", f"expected a string, got {type(val[bad]).__name__}",
+                              case_id, source)
+    empty = [i for i, x in enumerate(val) if not x.strip()]
+    if empty:
+        logger.warning("%s", EditRecordError(index, ", ".join(f"{key}[{i}]" for i in empty),
+                                             "empty, left out", case_id, source))
+    return [x for x in val if x.strip()]
 
 
 def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest:
@@ -93,14 +108,16 @@ def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest
         rw = rec["requested_rewrite"]
         if not isinstance(rw, dict):
             raise EditRecordError(index, "requested_rewrite", "expected an object", case_id, source)
-        subject = _req_str(rw, "subject", index, case_id, source)
-        template = _req_str(rw, "prompt", index, case_id, source)
+        subject = _req_str(rw, "subject", index, case_id, source, within="requested_rewrite.")
+        template = _req_str(rw, "prompt", index, case_id, source, within="requested_rewrite.")
         if "{}" not in template:
             raise EditRecordError(index, "requested_rewrite.prompt", "no '{}' placeholder for the subject", case_id, source)
         tn, tt = rw.get("target_new"), rw.get("target_true")
         for name, t in (("target_new", tn), ("target_true", tt)):
             if not isinstance(t, dict) or not isinstance(t.get("str"), str):
                 raise EditRecordError(index, f"requested_rewrite.{name}.str", "missing or not a string", case_id, source)
+        if not tn["str"].strip():
+            raise EditRecordError(index, "requested_rewrite.target_new.str", "empty", case_id, source)
         neighbours = _str_list(rec, "neighborhood_prompts", index, case_id, source)
         req = EditRequest(
             # replace, not str.format: a template may hold other braces ("{} is {x}")
@@ -131,6 +148,10 @@ def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest
         )
     else:  # REP / flat format
         subject = _req_str(rec, "subject", index, case_id, source)
+        if rec.get("rephrase_target") is not None and rec.get("rephrase_target") != rec.get("target_new"):
+            raise EditRecordError(index, "rephrase_target", f"{rec['rephrase_target']!r} differs from target_new "
+                                  f"{rec.get('target_new')!r}: paraphrases are scored against target_new",
+                                  case_id, source)
         loc_prompts = _str_list(rec, "locality_prompt", index, case_id, source)
         loc_gt = rec.get("locality_ground_truth")
         if isinstance(loc_gt, str) or loc_gt is None:

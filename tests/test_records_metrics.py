@@ -44,6 +44,37 @@ def test_original_counterfact_format(tmp_path):
         load_records(_write(tmp_path, [rec, bad]))
 
 
+def test_nested_counterfact_fields_are_named_in_full(tmp_path):
+    rw = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+          "target_new": {"str": "English"}, "target_true": {"str": "French"}}
+    for broken, field in ((dict(rw, subject=""), "requested_rewrite.subject"),
+                          ({k: v for k, v in rw.items() if k != "prompt"}, "requested_rewrite.prompt"),
+                          (dict(rw, target_new={"str": " "}), "requested_rewrite.target_new.str")):
+        with pytest.raises(EditRecordError) as exc:
+            load_records(_write(tmp_path, [{"case_id": 2, "requested_rewrite": broken}]))
+        assert exc.value.field == field
+
+
+def test_empty_evaluation_prompts_are_left_out_and_named(tmp_path, caplog):
+    """An empty paraphrase has no token to score the target after (the shared sets hold a few): it is dropped,
+    with a warning naming the record and the entry, instead of being scored at another position."""
+    rec = {"case_id": 5, "subject": "Y", "prompt": "Y is", "target_new": "Z", "target_true": "W",
+           "rephrase_prompt": ["Y, it is", "", " "], "subject_rephrase": ["", "Why"]}
+    with caplog.at_level("WARNING", logger="editing.records"):
+        r = load_records(_write(tmp_path, [rec]))[0]
+    assert r.rephrase_prompts == ["Y, it is"] and r.subject_rephrases == ["Why"]
+    assert "record 0, case_id=5: field 'rephrase_prompt[1], rephrase_prompt[2]': empty, left out" in caplog.text
+    assert "subject_rephrase[0]" in caplog.text
+
+
+def test_a_prompt_without_tokens_cannot_be_scored(tokenizer):
+    from conftest import build_tiny
+    from editing.metrics import target_nll
+
+    with pytest.raises(ValueError, match="no tokens"):
+        target_nll(build_tiny("llama"), tokenizer, ["A prompt", ""], [" Paris", " Paris"])
+
+
 def test_mend_zsre_format(tmp_path):
     rec = {"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?", "alt": "University of Michigan",
            "answers": ["Illinois Institute of Technology"], "rephrase": "What university did Watts Humphrey take part in?",
@@ -60,7 +91,9 @@ def test_mend_zsre_format(tmp_path):
     ({"subject": "Y", "prompt": "Y is", "target_new": "", "target_true": "W"}, "target_new"),
     ({"subject": "Y", "prompt": "Y is", "target_true": "W"}, "target_new"),
     ({"subject": "Y", "prompt": 3, "target_new": "Z"}, "prompt"),
-    ({"subject": "Y", "prompt": "Y is", "target_new": "Z", "subject_rephrase": "notalist", "rephrase_prompt": [1]}, "rephrase_prompt"),
+    ({"subject": "Y", "prompt": "Y is", "target_new": "Z", "subject_rephrase": "notalist", "rephrase_prompt": [1]}, "rephrase_prompt[0]"),
+    ({"subject": "Y", "prompt": "Y is", "target_new": "Z", "rephrase_prompt": {"a": 1}}, "rephrase_prompt"),
+    ({"subject": "Y", "prompt": "Y is", "target_new": "Z", "rephrase_target": "Q"}, "rephrase_target"),
     ("not an object", "<record>"),
 ])
 def test_bad_rep_records_name_file_record_and_field(tmp_path, rec, field):
