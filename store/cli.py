@@ -20,7 +20,7 @@ from editing.rep import RETRAIN_MAX_ROWS, retrain_rows
 from editing.table import MemoryMismatchError
 
 from .errors import StoreError
-from .memory_store import MemoryStore
+from .memory_store import NOOP, MemoryStore
 from .model import MemoryInfo
 
 memory_app = typer.Typer(help="Inspect and manage versioned edit memories.", no_args_is_help=True)
@@ -180,7 +180,9 @@ def delete_cmd(
         raise typer.Exit(2)
     with _store(store, redis_url, as_json) as s:
         v = s.delete(name, edit_ids=edit_id or None, subject=subject, job_id=job_id)
-        _emit(v.to_dict(), as_json, lambda: _out.print(f"{name} v{v.version}: deleted {v.n_deleted} row(s), {v.n_rows} left"))
+        _emit(v.to_dict(), as_json, lambda: _out.print(
+            f"{name} v{v.version}: no row matched, nothing deleted ({v.n_rows} rows)" if v.op == NOOP
+            else f"{name} v{v.version}: deleted {v.n_deleted} row(s), {v.n_rows} left"))
 
 
 @memory_app.command("rollback")
@@ -220,7 +222,9 @@ def import_cmd(
     """Add a file's rows to a memory (created from the file's metadata if missing); existing edit ids are skipped."""
     with _store(store, redis_url, as_json) as s:
         v = s.import_table(name, file, job_id=job_id)
-        _emit(v.to_dict(), as_json, lambda: _out.print(f"{name} v{v.version}: imported {v.n_added} row(s), {v.n_rows} rows"))
+        _emit(v.to_dict(), as_json, lambda: _out.print(
+            f"{name} v{v.version}: every edit id is already present, nothing imported ({v.n_rows} rows)"
+            if v.op == NOOP else f"{name} v{v.version}: imported {v.n_added} row(s), {v.n_rows} rows"))
 
 
 @memory_app.command("compact")

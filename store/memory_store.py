@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
@@ -97,6 +97,9 @@ def _merge_metadata(current: dict, update: dict | None) -> dict:
         else:
             out[k] = v
     return out
+
+
+NOOP = "noop"  # the op of a commit, delete or import that changed nothing (the version is the head's)
 
 
 @dataclass
@@ -263,8 +266,9 @@ class MemoryStore:
             while True:
                 head = self._open(name)
                 plan = plan_fn(head)
-                if plan is None:
-                    return self._entry(name, head, head.version)
+                if plan is None:  # nothing to change: no new version, and nothing reported as done
+                    return replace(self._entry(name, head, head.version), op=NOOP, message="nothing to change",
+                                   n_added=0, n_deleted=0, job_id=None, target=None)
                 txn = Transaction(head.version, plan.operation, transaction_properties={COMMIT_PROP: json.dumps(plan.info)})
                 _pause_point("before-commit")
                 try:

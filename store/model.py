@@ -16,7 +16,8 @@ class MemoryVersion:
     """One entry of a memory's history: what a commit did and the size it left.
 
     `op` is create, commit, delete, rollback, import or compact; `target` is the version a
-    rollback restored.
+    rollback restored. A call that changed nothing returns op "noop" with the head's version and
+    no rows added or deleted.
     """
 
     memory: str

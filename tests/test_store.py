@@ -358,7 +358,13 @@ def test_delete_by_edit_id_subject_and_job(store, name):
     assert v.n_deleted == 2 and ids_of(store.read(name)) == ["r3"]
     v = store.delete(name, edit_ids=["r3", "ghost"])
     assert v.n_deleted == 1 and store.read(name).num_rows == 0
-    assert store.delete(name, edit_ids=["ghost"]).version == v.version, "deleting nothing creates no version"
+    noop = store.delete(name, edit_ids=["ghost"])
+    assert noop.version == v.version, "deleting nothing creates no version"
+    assert (noop.op, noop.n_deleted, noop.n_added) == ("noop", 0, 0), "and does not report the last delete's rows"
+    added = store.commit(name, rows(["r3"], subject="Rome", job_id="j3", seed=2))
+    again = store.commit(name, rows(["r3"], subject="Rome", job_id="j3", seed=2))  # a replayed job: skipped
+    assert (added.op, added.n_added) == ("commit", 1) and (again.op, again.n_added, again.version) == ("noop", 0, added.version)
+    store.delete(name, edit_ids=["r3"])
     with pytest.raises(StoreError):
         store.delete(name)
     # a subject with a quote is a literal, not SQL
