@@ -116,6 +116,36 @@ def calibration_config(options: dict | None = None) -> dict:
     return {**DEFAULT_CALIBRATION, **((options or {}).get("calibration") or {})}
 
 
+# Defaults a cell's numbers depend on that its grid point does not name: the router's threshold when the grid
+# leaves it None, and REP's training settings in "+rep" cells. As they were when cell ids began to include them
+# (2026-12-07): a default enters the id only once it differs from this, so the results recorded before stay valid
+# until a default changes, and then become stale instead of being reused.
+_ID_THRESHOLDS = {"cosine": 0.65, "whitened": 0.6, "margin": 0.6}
+_ID_REP = {"rank": None, "steps": 300, "lr": 0.003, "margin": 0.1, "temperature": 0.05, "long_context_tokens": 256,
+           "negatives": 4096, "own_prompts": True, "batch": 4096, "negative_batch": 16384, "train_rephrases": 5}
+
+
+def _changed_defaults(method: str, threshold: float | None) -> dict:
+    """The id entries for defaults of `method` that differ from `_ID_THRESHOLDS` / `_ID_REP` (usually none)."""
+    from editing.evaluate import TRAIN_REPHRASES
+    from editing.rep import RobustKeyHparams
+    from editing.routers import ROUTERS
+
+    base, *suffixes = method.split("+")  # not validated here: an unknown method's cell records its error
+    robust = ROBUST_SUFFIX[1:] in suffixes
+    out = {}
+    if base in ROUTERS and threshold is None:
+        default = ROUTERS[base].default_threshold
+        if default != _ID_THRESHOLDS.get(base):
+            out["default_threshold"] = default
+    if robust:
+        rep = {**asdict(RobustKeyHparams()), "train_rephrases": TRAIN_REPHRASES}
+        changed = {k: v for k, v in rep.items() if k not in _ID_REP or _ID_REP[k] != v}
+        if changed:
+            out["rep"] = changed
+    return out
+
+
 class CampaignSpecError(ValueError):
     """A bad campaign file. Names the file and the offending field."""
 
@@ -159,6 +189,7 @@ class Cell:
                                   for k, v in calibration_config(self.options).items()}
         overrides = {**self.options.get("edit_config", {}), "layer": self.layer, "seed": self.seed}
         key["edit_settings"] = EditConfig.for_model(self.model, **overrides).to_dict()
+        key.update(_changed_defaults(self.method, self.threshold))
         from editing.evaluate import NLL, success_metric
 
         metric = success_metric(self.dataset)  # zsRE scores by token accuracy since 2026-12-03

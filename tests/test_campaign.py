@@ -3,6 +3,7 @@ run end to end on a local Ray (one actor, the real default model) with its repor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -148,6 +149,37 @@ def test_a_baselines_revision_or_settings_make_its_old_cells_stale(monkeypatch):
     assert ids()["rome"] not in (before["rome"], revised["rome"]), "a changed default"
 
 
+def test_a_routers_default_threshold_or_reps_settings_make_their_cells_stale(monkeypatch):
+    """Cells that leave the threshold to the router, and "+rep" cells, depend on defaults their grid point does
+    not name: changing one changes those cells' ids (only theirs)."""
+    from editing import evaluate, rep
+    from editing.routers import ROUTERS
+
+    def ids():
+        cells = parse_campaign({"name": "x", "datasets": ["counterfact_valid.json"],
+                                "grid": {"method": ["margin", "cosine", "cosine+rep"], "T": [10],
+                                         "threshold": {"cosine": [0.5], "cosine+rep": [0.5]}}}).cells()
+        return {c.method: c.cell_id for c in cells}
+
+    before = ids()
+    monkeypatch.setattr(ROUTERS["margin"], "default_threshold", 0.7)
+    moved = ids()
+    assert moved["margin"] != before["margin"]
+    assert moved["cosine"] == before["cosine"] and moved["cosine+rep"] == before["cosine+rep"], "threshold given"
+    shipped = rep.RobustKeyHparams
+
+    @dataclasses.dataclass
+    class Longer(shipped):
+        steps: int = 600
+
+    monkeypatch.setattr(rep, "RobustKeyHparams", Longer)
+    assert ids()["cosine+rep"] != before["cosine+rep"] and ids()["cosine"] == before["cosine"]
+    monkeypatch.setattr(rep, "RobustKeyHparams", shipped)
+    assert ids()["cosine+rep"] == before["cosine+rep"]
+    monkeypatch.setattr(evaluate, "TRAIN_REPHRASES", 3)
+    assert ids()["cosine+rep"] != before["cosine+rep"]
+
+
 def test_only_selects_grid_cells_by_value_and_keeps_their_ids():
     from cluster.campaign import select_cells
 
@@ -248,7 +280,6 @@ def _png_ok(path: Path) -> bool:
 def test_report_leaves_out_cells_of_an_earlier_grid(tmp_path):
     """A results table can hold cells of an earlier grid or scoring (their ids differ); the report shows the
     grid as last run and says how many it left out."""
-    import dataclasses
 
     from cluster.campaign import CampaignResults
     from cluster.campaign_report import write_report
