@@ -137,6 +137,7 @@ class Coordinator:
         self.evaluators: ActorPool | None = None
         self.api = None
         self.stop_event = threading.Event()
+        self.interrupted: set[str] = set()  # jobs an outage interrupted in this process (`_JobRun.execute`)
         from cluster.robust import RetrainBackoff
 
         self.retrain_backoff = RetrainBackoff(self.config.retrain_backoff_seconds)
@@ -280,6 +281,10 @@ class Coordinator:
         if delivery.job_id is None:
             self.queue.ack(delivery.entry_id)
             return None
+        # Entries wait in the backlog without a lease renewal: another coordinator may have reclaimed one since.
+        if not self.queue.heartbeat(self.consumer, delivery.entry_id):
+            log.info("job %s: taken over by another coordinator while it waited here; skipped", delivery.job_id)
+            return None
         try:
             spec = self.jobs.spec(delivery.job_id)
         except JobNotFoundError:
@@ -294,16 +299,22 @@ class Coordinator:
                 status = run.execute()
         except _Handover:
             log.warning("job %s: coordinator stopping; left for the next coordinator", spec.job_id)
+            try:  # a stop is not a crash: it does not use up one of the job's starts
+                self.jobs.release_attempt(spec.job_id, self.consumer)
+            except QueueUnavailableError as exc:
+                log.warning("job %s: could not give back its attempt (%s)", spec.job_id, exc)
             return None
         except _LeaseLost:
             log.warning("job %s: taken over by another coordinator; stopped working on it", spec.job_id)
             return None
         except QueueUnavailableError:
+            self.interrupted.add(spec.job_id)  # resumed here after the outage without counting a start
             raise
         except Exception as exc:  # noqa: BLE001 - a job must end, even on a bug; the traceback is logged
             from store import StoreUnavailableError
 
             if isinstance(exc, StoreUnavailableError):
+                self.interrupted.add(spec.job_id)
                 raise QueueUnavailableError(f"job {spec.job_id}: {exc}; left for the next coordinator", spec.job_id) from exc
             log.exception("job %s: failed", spec.job_id)
             status = run.finish(JobState.FAILED, error=f"job {spec.job_id}: {type(exc).__name__}: {exc}")
@@ -467,8 +478,12 @@ class _JobRun:
             return current
         self.statuses = jobs.record_statuses(self.job_id)
         self.version = current.version
-        attempts = current.attempts + 1
-        self.first_attempt = attempts == 1
+        # A start counts toward max_job_attempts unless this coordinator resumes the job after an outage of Redis
+        # or the store interrupted it (the process lived on, so nothing crashed).
+        resumed = self.job_id in self.coord.interrupted and current.owner == self.coord.consumer
+        self.coord.interrupted.discard(self.job_id)
+        attempts = current.attempts + (0 if resumed and current.attempts else 1)
+        self.first_attempt = current.started_at is None  # never started before (attempts can be given back)
         if attempts > cfg.max_job_attempts:
             return self.finish(JobState.FAILED, error=f"job {self.job_id}: started {current.attempts} times without "
                                "finishing (its coordinator died each time); giving up")

@@ -324,6 +324,17 @@ return 'ok'
 """
 
 
+# Give back the attempt of a start that did not end by a crash (a graceful handover), if still ours and running.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then
+  return 0
+end
+local n = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') or 0
+if n > 0 then redis.call('HSET', KEYS[1], 'attempts', tostring(n - 1)) end
+return 1
+"""
+
+
 class JobStore:
     """Job state in Redis (see module docstring). Every method raises `QueueUnavailableError` when Redis is down."""
 
@@ -332,6 +343,7 @@ class JobStore:
         self._submit = client.register_script(_SUBMIT)
         self._cancel = client.register_script(_CANCEL)
         self._start = client.register_script(_START)
+        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def connect(cls, redis_url: str | None = None, store_root: str | None = None) -> "JobStore":
@@ -462,6 +474,12 @@ class JobStore:
         if res == "missing":
             raise JobNotFoundError(f"job {job_id}: no such job", job_id)
         return res == "ok"
+
+    def release_attempt(self, job_id: str, owner: str) -> bool:
+        """Undo `start`'s attempt count of a running job `owner` hands over (a stop, not a crash); False if the
+        job is no longer `owner`'s or running."""
+        return bool(self._call(self._release, keys=[job_key(job_id)],
+                               args=[json.dumps(owner), json.dumps(JobState.RUNNING)]))
 
     def cancel_requested(self, job_id: str) -> bool:
         raw = self._call(self.client.hget, job_key(job_id), "cancel_requested")

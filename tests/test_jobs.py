@@ -476,6 +476,43 @@ def test_lease_keeper_holds_a_job_through_long_stretches_and_ack_needs_ownership
         stop_embedded_redis(root)
 
 
+def test_a_backlog_entry_another_coordinator_took_over_is_not_started(coord, raw_records):
+    """Reclaimed and own pending entries wait in a backlog without lease renewals; one that another coordinator
+    took over in the meantime is skipped, not started a second time (which counted an attempt, took the job's
+    owner and reset the other's running records)."""
+    spec = _spec(raw_records[40:41], "taken-over", job_id="taken-over")
+    coord.jobs.submit(spec)
+    delivery = coord.queue.read(coord.consumer, block_ms=1000)
+    assert delivery is not None and delivery.job_id == spec.job_id
+    taken = coord.queue.reclaim("other-coordinator", min_idle_seconds=0)
+    assert [d.entry_id for d in taken] == [delivery.entry_id]
+    assert coord.process(delivery) is None
+    st = coord.jobs.get(spec.job_id)
+    assert st.state == JobState.QUEUED and st.attempts == 0, "not started here"
+    assert coord.queue.ack_owned("other-coordinator", delivery.entry_id)
+    coord.jobs.request_cancel(spec.job_id)
+
+
+def test_stops_do_not_use_up_a_jobs_starts(coord, raw_records):
+    """A coordinator told to stop hands its job over; that is not a crash, so more handovers than
+    max_job_attempts leave the job to run, not failed as "started 3 times without finishing"."""
+    spec = _spec(raw_records[41:42], "handed-over", job_id="handed-over")
+    coord.jobs.submit(spec)
+    coord.stop_event.set()
+    try:
+        for _ in range(coord.config.max_job_attempts + 1):
+            delivery = (coord.queue.own_pending(coord.consumer) or [coord.queue.read(coord.consumer, block_ms=1000)])[0]
+            assert delivery.job_id == spec.job_id and coord.process(delivery) is None, "handed over"
+            st = coord.jobs.get(spec.job_id)
+            assert st.state == JobState.RUNNING and st.attempts == 0 and st.n_committed == 0, st
+    finally:
+        coord.stop_event.clear()
+    _run(coord, spec.job_id)
+    st = coord.jobs.get(spec.job_id)
+    assert st.state == JobState.SUCCEEDED and st.attempts == 1 and st.n_committed == 1
+    assert not coord.jobs.release_attempt(spec.job_id, coord.consumer), "a finished job keeps its count"
+
+
 def test_a_hung_actor_is_replaced_and_its_item_retried(env, tmp_path):
     from cluster.runtime import ActorPool, PoolError
 
