@@ -669,10 +669,20 @@ class MemoryStore:
             raise VersionNotFoundError(f"{where(name, retain_from)}: cannot retain from a version after the head "
                                        f"v{kv_version(before.version)} and its compaction", name, retain_from)
 
+        last: dict = {}  # the previous attempt's rewrite: {"sources": [...], "new": [...]}
+
         def plan(ds: lance.LanceDataset) -> _Plan | None:
             frags = ds.get_fragments()
             if len(frags) <= 1 and all(f.metadata.deletion_file is None for f in frags):
                 return None
+            info = {"op": "compact", "message": message or "compact", "job_id": None, "n_added": 0, "n_deleted": 0,
+                    "committed_at": _now().isoformat()}
+            head = [f.metadata for f in frags]
+            if last and all(any(src == m for m in head) for src in last["sources"]):
+                # Lost the race to a commit that left the rewritten fragments as they were (an append): commit
+                # the same rewrite again instead of rewriting every row while the next commit lands.
+                group = LanceOperation.RewriteGroup(last["sources"], last["new"])
+                return _Plan(LanceOperation.Rewrite([group], []), {**info, "n_rows": ds.count_rows(LIVE_FILTER)})
             new: list[FragmentMetadata] = []
             buffer: list[pa.RecordBatch] = []
             buffered = 0
@@ -692,10 +702,9 @@ class MemoryStore:
                     n_rows += buffered
             except _READ_ERRORS as exc:
                 raise data_error(exc, name, kv_version(ds.version), "compact") from exc
-            info = {"op": "compact", "message": message or "compact", "job_id": None, "n_added": 0, "n_deleted": 0,
-                    "n_rows": n_rows, "committed_at": _now().isoformat()}
-            group = LanceOperation.RewriteGroup([f.metadata for f in frags], new)
-            return _Plan(LanceOperation.Rewrite([group], []), info)
+            last.update(sources=head, new=new)
+            group = LanceOperation.RewriteGroup(head, new)
+            return _Plan(LanceOperation.Rewrite([group], []), {**info, "n_rows": n_rows})
 
         entry = self._commit_loop(name, plan)
         latest = self._open(name)

@@ -570,6 +570,36 @@ def test_eight_processes_fifty_commits_each(store, store_root, name, procs, tmp_
     assert store.current_version(name) == 400
 
 
+def test_compaction_that_loses_a_race_to_an_append_commits_its_rewrite_again(store, name, monkeypatch):
+    """Every commit preempts a compaction's rewrite; re-planned, the compaction reuses the fragments it wrote
+    while their sources are unchanged (rewriting every row again let steady writers starve it)."""
+    import lance
+
+    store.create(name, SPEC, {})
+    for i in range(4):
+        store.commit(name, rows([f"c{i}"], seed=i))
+    real_commit, real_write = lance.LanceDataset.commit, store._write_fragments
+    writes, raced = [], []
+
+    def commit(base, txn, **kw):
+        if "Rewrite" in type(txn.operation).__name__ and not raced:
+            raced.append(store.commit(name, rows(["late"], seed=9)))  # lands between the plan and its commit
+        return real_commit(base, txn, **kw)
+
+    def write(ds, spec, table, n):
+        writes.append(table.num_rows)
+        return real_write(ds, spec, table, n)
+
+    monkeypatch.setattr(lance.LanceDataset, "commit", staticmethod(commit))
+    monkeypatch.setattr(store, "_write_fragments", write)
+    out = store.compact(name)
+    assert out["compacted"] and raced and out["version"] == raced[0].version + 1
+    assert writes == [4, 1], "the four rows were rewritten once (then the racing commit wrote its row)"
+    assert sorted(ids_of(store.read(name))) == ["c0", "c1", "c2", "c3", "late"]
+    assert out["fragments_after"] == 2 and store.info(name).n_rows == 5
+    check_consistent(store, name)
+
+
 def test_compaction_concurrent_with_writers(store, store_root, name, procs):
     store.create(name, SPEC, {})
     workers = [procs.Process(target=run_writer, args=(str(store_root), name, w, 25, 4)) for w in range(2)]
