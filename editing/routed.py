@@ -25,6 +25,10 @@ from torch import nn
 
 from editing.routers import Router
 
+# Entries of the per-token score (or gathered candidate) tensors routed at once: a long prefill is routed in
+# token chunks, so routing 8,192 tokens against 131,072 slots needs 128 MB at a time, not 4 GB.
+ROUTE_CHUNK_ELEMENTS = 1 << 25
+
 
 class RoutedFFN(nn.Module):
     """Key-value memory and routing for one FFN layer.
@@ -80,7 +84,18 @@ class RoutedFFN(nn.Module):
         """Best row, its gate score and the residual weight for every token.
 
         key: [T, d_key]. Returns best [T] long, score [T], weight [T] (0 where gated off).
+        Tokens are routed in chunks of at most `ROUTE_CHUNK_ELEMENTS` score entries (the same chunks on every
+        tensor-parallel rank: T and the capacity are the same there).
         """
+        width = max(self.capacity, self.candidates * self.rows.shape[1]) if self.use_prefilter else self.capacity
+        step = max(1, ROUTE_CHUNK_ELEMENTS // max(width, 1))
+        if key.shape[0] <= step:
+            return self._route(key)
+        parts = [self._route(key[i: i + step]) for i in range(0, key.shape[0], step)]
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    def _route(self, key: torch.Tensor):
+        """`route` for one chunk of tokens: key [t, d_key] -> best, score, weight [t]."""
         key = key.to(self.rows.dtype)
         if self.query_adapter is not None:
             key = self.query_adapter(key)

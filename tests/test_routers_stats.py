@@ -156,6 +156,34 @@ def test_prefilter_keeps_exact_top1_decisions():
     torch.testing.assert_close(s1, s2)
 
 
+def test_long_inputs_are_routed_in_token_chunks(monkeypatch):
+    """The [tokens, slots] scores (and the prefilter's [tokens, candidates, d_key] gather) are built a chunk of
+    tokens at a time, with the same decisions as in one piece."""
+    from editing import routed
+
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(300, D_KEY, generator=g)
+    q = torch.cat([keys[:50] + 0.1 * torch.randn(50, D_KEY, generator=g), torch.randn(50, D_KEY, generator=g)])
+    for prefilter in (False, True):
+        mem = RoutedFFN(make_router("cosine"), D_KEY, D_MODEL, capacity=512, prefilter_dim=16 if prefilter else 0,
+                        prefilter_min_rows=64, candidates=8)
+        mem.add([str(i) for i in range(300)], keys, torch.randn(300, D_MODEL, generator=g))
+        if prefilter:
+            mem.fit_basis()
+        assert mem.use_prefilter == prefilter
+        whole = mem.route(q)
+        calls = []
+        real = mem._route
+        monkeypatch.setattr(mem, "_route", lambda k: calls.append(k.shape[0]) or real(k))
+        width = max(512, 8 * D_KEY) if prefilter else 512  # slots, or candidates x d_key when larger
+        monkeypatch.setattr(routed, "ROUTE_CHUNK_ELEMENTS", 7 * width)
+        chunked = mem.route(q)
+        assert calls == [7] * 14 + [2], calls
+        for a, b in zip(whole, chunked):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert torch.equal(whole[0], chunked[0]) and (whole[2] > 0).sum() >= 40
+
+
 def test_routed_ffn_under_torch_compile():
     mem = RoutedFFN(make_router("cosine"), D_KEY, D_MODEL, capacity=16)
     keys = _anisotropic(4, seed=3)
