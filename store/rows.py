@@ -165,7 +165,12 @@ def prepare_rows(
         raise InvalidRowsError(f"{where(memory, version)}: rows must be a pyarrow Table, got {type(table).__name__}", memory, version)
     meta = table.schema.metadata or {}
     if b"kvedit.spec" in meta:
-        spec.check(MemorySpec.from_metadata(meta), what=f"rows for {where(memory, version)}")
+        try:
+            theirs = MemorySpec.from_metadata(meta)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise InvalidRowsError(f"{where(memory, version)}: the rows' schema metadata 'kvedit.spec' is not a "
+                                   f"memory spec: {exc}", memory, version) from exc
+        spec.check(theirs, what=f"rows for {where(memory, version)}")
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise InvalidRowsError(f"{where(memory, version)}: rows lack column(s) {missing}", memory, version)
@@ -224,13 +229,10 @@ def prepare_rows(
     }
     arrays = []
     for f in schema:
-        col = cols[f.name]
-        try:
-            col = col.cast(f.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-            raise InvalidRowsError(f"{where(memory, version)}: column {f.name!r} cannot be cast to {f.type}: {exc}", memory, version) from exc
+        col = _cast(cols[f.name], f.type, f.name, memory, version, ids)  # names the first row that does not cast
         if not f.nullable and col.null_count:
-            raise InvalidRowsError(f"{where(memory, version)}: column {f.name!r} has null values", memory, version)
+            raise InvalidRowsError(f"{where(memory, version)}: column {f.name!r} is null at "
+                                   f"{_first_bad(ids, pc.is_null(col))}", memory, version)
         arrays.append(col)
     return pa.Table.from_arrays(arrays, schema=schema)
 

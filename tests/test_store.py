@@ -274,6 +274,15 @@ def test_malformed_rows_are_refused(store, name):
     bad_layer = good.set_column(good.schema.get_field_index("layer"), "layer", pa.array([3.0, 3.5]))
     with pytest.raises(InvalidRowsError, match=r"'layer' cannot be read as int64 at edit_id 'b' \(row 1\)"):
         store.commit(name, bad_layer)
+    no_subject = good.set_column(good.schema.get_field_index("subject"), "subject", pa.array(["Paris", None]))
+    with pytest.raises(InvalidRowsError, match=r"'subject' is null at edit_id 'b' \(row 1\)"):
+        store.commit(name, no_subject)
+    bad_time = good.set_column(good.schema.get_field_index("created_at"), "created_at", pa.array(["x", "y"]))
+    with pytest.raises(InvalidRowsError, match=r"'created_at' cannot be read as timestamp.* at edit_id 'a' \(row 0\)"):
+        store.commit(name, bad_time)
+    torn_spec = good.replace_schema_metadata({b"kvedit.spec": b'{"layer": 3'})
+    with pytest.raises(InvalidRowsError, match="'kvedit.spec' is not a memory spec"):
+        store.commit(name, torn_spec)
     list_id = good.set_column(0, "edit_id", pa.array([["a"], ["b"]]))
     with pytest.raises(InvalidRowsError, match="'edit_id' cannot be read as string at row 0"):
         store.commit(name, list_id)
