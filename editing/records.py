@@ -148,10 +148,6 @@ def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest
         )
     else:  # REP / flat format
         subject = _req_str(rec, "subject", index, case_id, source)
-        if rec.get("rephrase_target") is not None and rec.get("rephrase_target") != rec.get("target_new"):
-            raise EditRecordError(index, "rephrase_target", f"{rec['rephrase_target']!r} differs from target_new "
-                                  f"{rec.get('target_new')!r}: paraphrases are scored against target_new",
-                                  case_id, source)
         loc_prompts = _str_list(rec, "locality_prompt", index, case_id, source)
         loc_gt = rec.get("locality_ground_truth")
         if isinstance(loc_gt, str) or loc_gt is None:
@@ -174,6 +170,9 @@ def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest
             subject_rephrases=_str_list(rec, "subject_rephrase", index, case_id, source),
             source=source,
         )
+        if rec.get("rephrase_target") is not None and rec["rephrase_target"] != req.target_new:
+            raise EditRecordError(index, "rephrase_target", f"{rec['rephrase_target']!r} differs from target_new "
+                                  f"{req.target_new!r}: paraphrases are scored against target_new", case_id, source)
     if req.subject not in req.prompt:
         raise EditRecordError(index, "subject", f"{req.subject!r} not found in prompt {req.prompt!r}", case_id, source)
     req.index = index
