@@ -470,6 +470,27 @@ class _JobRun:
 
     # ------------------------------------------------------------------ stages
 
+    def reconcile(self) -> None:
+        """Mark records whose edits are live in the memory committed, whatever their saved status, before any
+        decision is taken on them (a cancel, a last attempt, all-or-nothing): a coordinator killed after
+        `store.commit` and before `save` left them pending, so they would be reported cancelled or skipped."""
+        store = self.coord.store
+        if not store.exists(self.spec.memory):
+            return
+        todo = {self.edit_id(i): i for i in range(len(self.spec.records))
+                if self.statuses.get(i, {}).get("status") != RecordState.COMMITTED}
+        live = store.live_ids(self.spec.memory, list(todo))
+        if not live:
+            return
+        log.warning("job %s: %d record(s) were committed by an earlier run without their status; marked committed",
+                    self.job_id, len(live))
+        self.version = store.current_version(self.spec.memory)
+        self.save({todo[e]: {**self.statuses.get(todo[e], {}), "status": RecordState.COMMITTED, "edit_id": e}
+                   for e in live}, version=self.version)
+
+    def edit_id(self, index: int) -> str:
+        return job_edit_id(self.job_id, index, self.spec.records[index])
+
     def execute(self) -> JobStatus:
         jobs, cfg = self.coord.jobs, self.coord.config
         current = jobs.get(self.job_id)
@@ -478,6 +499,8 @@ class _JobRun:
             return current
         self.statuses = jobs.record_statuses(self.job_id)
         self.version = current.version
+        if current.started_at is not None:  # resumed: its last coordinator may have died between a commit and its save
+            self.reconcile()
         # A start counts toward max_job_attempts unless this coordinator resumes the job after an outage of Redis
         # or the store interrupted it (the process lived on, so nothing crashed).
         resumed = self.job_id in self.coord.interrupted and current.owner == self.coord.consumer
@@ -540,7 +563,7 @@ class _JobRun:
                 continue
             self.requests[i] = req
             if prior.get("status") != RecordState.COMMITTED:
-                updates[i] = {"status": RecordState.PENDING, "edit_id": job_edit_id(self.job_id, i)}
+                updates[i] = {"status": RecordState.PENDING, "edit_id": self.edit_id(i)}
         self.save(updates)
         self.event("validate", len(self.spec.records), len(self.spec.records))
         if invalid:
@@ -596,7 +619,7 @@ class _JobRun:
 
         def submit(actor, batch: _Batch):
             return actor.optimise.remote(model, overrides, [self.requests[i] for i in batch.indices],
-                                         [job_edit_id(self.job_id, i) for i in batch.indices], self.job_id)
+                                         [self.edit_id(i) for i in batch.indices], self.job_id)
 
         def dispatched(batch: _Batch, slot) -> None:
             self.save({i: {**self.statuses[i], "status": RecordState.RUNNING} for i in batch.indices})
@@ -698,7 +721,7 @@ class _JobRun:
 
         if not is_calibrated(self.coord.store.info(self.spec.memory).router):
             return None
-        requests = {job_edit_id(self.job_id, i): self.requests[i] for i in indices}
+        requests = {self.edit_id(i): self.requests[i] for i in indices}
         ref = self.coord.value_pool().next_slot().handle.calibrate.remote(
             self.coord.store.root, self.coord.config.redis_url, self.spec.memory, self.spec.model,
             self.spec.editor_overrides(), table_to_ipc(table), requests, self.stats_key)
@@ -801,7 +824,7 @@ class _JobRun:
         payload = dict(store=self.coord.store.root, redis_url=self.coord.config.redis_url, memory=self.spec.memory,
                        version=version, model=self.spec.model, layer=self.layer,
                        requests=[self.requests[i] for i in indices],
-                       edit_ids=[job_edit_id(self.job_id, i) for i in indices], stats_key=self.stats_key)
+                       edit_ids=[self.edit_id(i) for i in indices], stats_key=self.stats_key)
         self.evals.append(_Pending(slot.handle.evaluate.remote(**payload), slot, payload, indices,
                                    generation=slot.generation))
         self.event("evaluate", self.counters()["n_evaluated"], self.count(RecordState.COMMITTED))
@@ -851,7 +874,11 @@ class _JobRun:
                 return
             self.beat()
             if time.monotonic() > deadline:
-                log.warning("job %s: gave up waiting for %d evaluation(s)", self.job_id, len(self.evals))
+                log.warning("job %s: gave up waiting for %d evaluation(s); replacing their actors", self.job_id,
+                            len(self.evals))
+                if pool is not None:  # a hung evaluator would hold every later job's evaluations behind it
+                    for p in {id(p.slot): p for p in self.evals if p.slot.generation == p.generation}.values():
+                        pool.replace(p.slot)
                 self.evals.clear()
 
     def outcome(self) -> tuple[str, str | None]:

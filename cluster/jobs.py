@@ -9,9 +9,10 @@ batching it is computed with. Its state lives in Redis (docs/adr/0004-job-queue.
 - `kvedit:jobs:index`        sorted set: job ids by submission time (for `jobs ls`)
 - `kvedit:jobs`              stream: one entry per submitted job (see `cluster.queue`)
 
-Every edit of a job gets the id `job_edit_id(job_id, record_index)`, so computing a job twice
+Every edit of a job gets the id `job_edit_id(job_id, record_index, record)`, so computing a job twice
 (a resubmission, a retried batch, a restarted coordinator) can never add an edit twice: the
-store skips rows whose edit_id it already holds.
+store skips rows whose edit_id it already holds. The record's content is part of the id: a job id
+reused (after `JobStore.delete`) for other records gets new edits, not "already committed" ones.
 """
 
 from __future__ import annotations
@@ -120,9 +121,10 @@ def new_job_id() -> str:
     return f"job-{uuid.uuid4().hex[:12]}"
 
 
-def job_edit_id(job_id: str, index: int) -> str:
-    """The edit_id of record `index` of job `job_id`: deterministic, so retries never duplicate an edit."""
-    h = hashlib.sha256(json.dumps(["kvedit-job-edit", job_id, int(index)]).encode())
+def job_edit_id(job_id: str, index: int, record) -> str:
+    """The edit_id of record `index` (the raw JSON `record`) of job `job_id`: deterministic, so retries never
+    duplicate an edit, and another record at the same place of a reused job id gets another id."""
+    h = hashlib.sha256(json.dumps(["kvedit-job-edit", job_id, int(index), record], sort_keys=True).encode())
     return h.hexdigest()[:20]
 
 
@@ -165,6 +167,9 @@ class JobSpec:
             check_name(self.memory)
         except InvalidNameError as exc:
             raise JobSpecError(f"{where}: field 'memory': {exc}", self.job_id) from exc
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise JobSpecError(f"{where}: field 'model': expected a model name or folder, got {self.model!r}",
+                               self.job_id)
         if not isinstance(self.records, list) or not self.records:
             raise JobSpecError(f"{where}: field 'records': expected a non-empty list of edit records", self.job_id)
         if self.router not in ROUTERS:
@@ -186,6 +191,8 @@ class JobSpec:
             raise JobSpecError(f"{where}: field 'stats_tokens': expected an integer >= 2", self.job_id)
         if not isinstance(self.edit_config, dict):
             raise JobSpecError(f"{where}: field 'edit_config': expected an object", self.job_id)
+        if "layer" in self.edit_config:  # the job's own field wins (see `editor_overrides`): refused, not ignored
+            raise JobSpecError(f"{where}: field 'edit_config.layer': set the job's 'layer' field instead", self.job_id)
         try:
             from editing import EditConfig
 

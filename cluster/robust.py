@@ -196,7 +196,7 @@ def records_of_rows(jobs, table, known: set[str]) -> dict:
         except JobNotFoundError:
             continue
         for i, raw in enumerate(spec.records):
-            eid = job_edit_id(jid, i)
+            eid = job_edit_id(jid, i, raw)
             if eid in eids:
                 try:
                     out[eid] = parse_record(raw, i, spec.source)

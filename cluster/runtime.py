@@ -255,6 +255,8 @@ class ActorPool:
                         continue
                     raise task_cause(exc) from exc
             if refs and time.monotonic() > deadline:
+                for slot in {id(s): s for s in refs.values()}.values():  # a hung call would block every later one
+                    self.replace(slot)
                 raise PoolError(f"pool {self.name}: {method} did not finish within {timeout:.0f}s on {len(refs)} actor(s); "
                                 f"the cluster may lack the resources {self.resources or actor_resources()}")
         return results
@@ -336,9 +338,17 @@ class ActorPool:
 
     def _expire(self, queue, flights, item_timeout: float, max_attempts: int) -> Iterator[Outcome]:
         """Kill and replace the actors of items running longer than `item_timeout`; retry or fail the items."""
+        import ray
+
         now = time.perf_counter()
-        for ref, fl in list(flights.items()):
-            if now - fl.started <= item_timeout:
+        late = [ref for ref, fl in flights.items() if now - fl.started > item_timeout]
+        if not late:
+            return
+        # A result that arrived while the consumer handled another one is read on the next pass, not discarded.
+        ready = set(ray.wait(late, num_returns=len(late), timeout=0)[0])
+        for ref in late:
+            fl = flights[ref]
+            if ref in ready:
                 continue
             del flights[ref]  # its result, if the killed actor ever sends one, is not read
             log.warning("pool %s: actor %d hung on an item for over %.0fs (attempt %d/%d); replacing it",

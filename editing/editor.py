@@ -29,7 +29,7 @@ from editing.routed import RoutedFFN, attach, attached, detach
 from editing.routers import make_router
 from editing.stats import SecondMoment, collect_second_moment, corpus_chunks, corpus_half, corpus_hash, default_corpus_path
 from editing.table import MemorySpec, build_edit_table, make_edit_id, table_tensors
-from editing.values import ValueHparams, optimise_residuals
+from editing.values import ValueHparams, check_setting, optimise_residuals
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,16 @@ class EditConfig:
         w = self.unprefixed_weight
         if w is not None and not (isinstance(w, (int, float)) and 0.0 <= w <= 1.0):
             raise ValueError(f"edit setting unprefixed_weight must be null or in [0, 1], got {w!r}")
+        # Types and bounds, so a job with a bad setting is refused at submission, not failed (or hung) on an actor.
+        if self.layer is not None:
+            check_setting("layer", self.layer, int, 0, None)
+        if self.threshold is not None:
+            check_setting("threshold", self.threshold, float, None, None)
+        if not isinstance(self.router, str):
+            raise ValueError(f"edit setting router must be a router name, got {self.router!r}")
+        for name, low, high in (("n_contexts", 0, 256), ("context_length", 1, 2048), ("seed", None, None),
+                                ("max_target_tokens", 1, 1024), ("batch_size", 1, 4096), ("stats_tokens", 2, None)):
+            check_setting(name, getattr(self, name), int, low, high)
 
     def to_dict(self) -> dict:
         return asdict(self)

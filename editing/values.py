@@ -21,6 +21,8 @@ Two implementations compute the same thing:
 
 from __future__ import annotations
 
+import math
+
 import contextlib
 from dataclasses import dataclass, field
 
@@ -45,6 +47,26 @@ class ValueHparams:
     # Early stop once the target's NLL (not the regularised total, whose weight-decay and KL
     # terms keep it above ROME's 5e-2 floor for most edits) is below this: p(target) > ~95%.
     stop_loss: float = 5e-2
+
+    def __post_init__(self):
+        check_setting("values.steps", self.steps, int, 1, 10_000)
+        check_setting("values.lr", self.lr, float, 0.0, None, low_open=True)
+        for name in ("weight_decay", "kl_factor", "stop_loss"):
+            check_setting(f"values.{name}", getattr(self, name), float, 0.0, None)
+        check_setting("values.clamp_norm_factor", self.clamp_norm_factor, float, 0.0, None, low_open=True)
+
+
+def check_setting(name: str, value, kind: type, low, high, low_open: bool = False) -> None:
+    """Raise ValueError naming edit setting `name` unless `value` is a finite `kind` (int, or any real number for
+    float; never a bool) within [low, high] (`low_open`: above low). Bounds of None are open."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+    ok = ok and math.isfinite(value) and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or value <= high)
+    if not ok:
+        what = "an integer" if kind is int else "a number"
+        bounds = [f"{'>' if low_open else '>='} {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
+        bounds = " and ".join(b for b in bounds if b)
+        raise ValueError(f"edit setting {name} must be {what}{' ' + bounds if bounds else ''}, got {value!r}")
 
 
 @dataclass

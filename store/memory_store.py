@@ -354,6 +354,14 @@ class MemoryStore:
         oldest = min((kv_version(v["version"]) for v in ds.versions()), default=None)
         return self._info(name, ds, oldest)
 
+    def live_ids(self, name: str, edit_ids: list[str]) -> set[str]:
+        """Which of `edit_ids` are rows of the latest version (from the incremental live-key cache)."""
+        if not edit_ids:
+            return set()
+        live = self._live(name, self._open(name)).column("edit_id")
+        asked = pa.array(list(edit_ids), pa.string())
+        return set(asked.filter(pc.is_in(asked, value_set=live.combine_chunks())).to_pylist())
+
     def read(self, name: str, version: int | None = None) -> pa.Table:
         """Every edit row of a version (latest if None), in the edit schema; the same version always reads the same."""
         ds = self._open(name, version)

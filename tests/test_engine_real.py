@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import DEFAULT_MODEL as MODEL
 from editing import EditRecordError, EditRequest
 from editing.metrics import next_token_logits
 from editing.table import MemoryMismatchError, MemorySpec, read_edit_table
@@ -321,22 +322,31 @@ def test_job_evaluator_follows_each_versions_threshold_and_robust_keys(smol, ten
         st.create("m", smol.spec, {"name": "cosine", "threshold": 0.5})
         st.commit("m", edits.table)
         ev = Evaluator()
-        routed = ev._memory_at(smol, st, "m", 1, None)
+        routed = ev._memory_at(MODEL, smol, st, "m", 1, None)
         assert routed.version == 1 and float(routed.threshold) == 0.5 and routed.query_adapter is None
         assert all(smol.efficacy(recs[:3]))
         adapter = RobustKeys(smol.adapter.d_key, rank=4)
         key = st.put_artifact(ARTIFACT_KIND, adapter.digest(), adapter.to_bytes()) and adapter.digest()
         st.commit("m", router_update={"name": "cosine", "threshold": 1.01, "robust_keys": {"artifact": key, **adapter.config()}})
-        routed = ev._memory_at(smol, st, "m", 2, None)
+        routed = ev._memory_at(MODEL, smol, st, "m", 2, None)
         assert routed is smol.memory and routed.version == 2, "followed by delta, not reloaded"
         assert float(routed.threshold) == pytest.approx(1.01) and routed.query_adapter is not None
         assert not any(smol.efficacy(recs[:3])), "no cosine passes 1.01: the new threshold is in force"
         st.commit("m", router_update={"name": "cosine", "threshold": 0.5})
-        routed = ev._memory_at(smol, st, "m", 3, None)
+        routed = ev._memory_at(MODEL, smol, st, "m", 3, None)
         assert float(routed.threshold) == 0.5 and routed.query_adapter is None
+        # a job at another layer of the same model: its editor shares the weights, so the first memory comes off
+        from editing import EditConfig, Editor
+
+        other = Editor(smol.model, smol.tok, EditConfig.for_model(MODEL, layer=smol.layer + 1), model_name=MODEL)
+        st.create("n", other.spec, {"name": "cosine", "threshold": 0.5})
+        routed_n = ev._memory_at(MODEL, other, st, "n", 0, None)
+        assert other.memory is routed_n and smol.memory is None, "one memory at a time on the shared weights"
+        assert list(ev._attached) == [MODEL], "the first memory's buffers are not kept"
+        assert ev._memory_at(MODEL, smol, st, "m", 3, None) is smol.memory and other.memory is None
         st.commit("m", router_update={"name": "cosine", "threshold": 0.5, "robust_keys": {"artifact": "missing"}})
         with pytest.raises(Exception, match="robust-keys artifact 'missing' is not in the store"):
-            Evaluator()._memory_at(smol, st, "m", 4, None)
+            Evaluator()._memory_at(MODEL, smol, st, "m", 4, None)
     finally:
         smol.detach()
         st.close()

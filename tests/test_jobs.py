@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -108,7 +110,8 @@ def _memory_ids(coord, memory: str) -> list[str]:
 def _assert_exactly_once(coord, memory: str, job_id: str, indices) -> None:
     ids = _memory_ids(coord, memory)
     assert len(ids) == len(set(ids)), "an edit was committed twice"
-    assert sorted(ids) == sorted(job_edit_id(job_id, i) for i in indices)
+    records = coord.jobs.spec(job_id).records
+    assert sorted(ids) == sorted(job_edit_id(job_id, i, records[i]) for i in indices)
 
 
 def _running(coord, job_id: str) -> bool:
@@ -476,21 +479,75 @@ def test_lease_keeper_holds_a_job_through_long_stretches_and_ack_needs_ownership
         stop_embedded_redis(root)
 
 
+def _delivery_of(coord, job_id: str):
+    """The stream entry of `job_id`, delivered to `coord` (entries of other jobs read on the way stay pending for
+    it: its next `run` takes them up first)."""
+    for d in coord.queue.own_pending(coord.consumer):
+        if d.job_id == job_id:
+            return d
+    while (d := coord.queue.read(coord.consumer, block_ms=1000)) is not None:
+        if d.job_id == job_id:
+            return d
+    raise AssertionError(f"no stream entry for job {job_id}")
+
+
 def test_a_backlog_entry_another_coordinator_took_over_is_not_started(coord, raw_records):
     """Reclaimed and own pending entries wait in a backlog without lease renewals; one that another coordinator
     took over in the meantime is skipped, not started a second time (which counted an attempt, took the job's
     owner and reset the other's running records)."""
     spec = _spec(raw_records[40:41], "taken-over", job_id="taken-over")
     coord.jobs.submit(spec)
-    delivery = coord.queue.read(coord.consumer, block_ms=1000)
-    assert delivery is not None and delivery.job_id == spec.job_id
-    taken = coord.queue.reclaim("other-coordinator", min_idle_seconds=0)
-    assert [d.entry_id for d in taken] == [delivery.entry_id]
+    delivery = _delivery_of(coord, spec.job_id)
+    taken = coord.queue.reclaim("other-coordinator", min_idle_seconds=0, count=1000)
+    assert delivery.entry_id in [d.entry_id for d in taken]
+    for d in taken:  # give the others back to this coordinator
+        if d.entry_id != delivery.entry_id:
+            coord.queue.client.xclaim(coord.queue.stream, coord.queue.group, coord.consumer, 0, [d.entry_id])
     assert coord.process(delivery) is None
     st = coord.jobs.get(spec.job_id)
     assert st.state == JobState.QUEUED and st.attempts == 0, "not started here"
     assert coord.queue.ack_owned("other-coordinator", delivery.entry_id)
     coord.jobs.request_cancel(spec.job_id)
+
+
+def test_a_reused_job_id_with_other_records_adds_its_edits(coord, raw_records):
+    """After a job is forgotten (`JobStore.delete`, as `kvedit demo` does before re-running) its id can be
+    submitted again; records that differ get new edit ids instead of being skipped as already committed."""
+    first = _spec(raw_records[42:43], "reused", job_id="reused")
+    coord.jobs.submit(first)
+    _run(coord, first.job_id)
+    coord.jobs.delete([first.job_id])
+    second = _spec(raw_records[43:44], "reused", job_id="reused")
+    coord.jobs.submit(second)
+    _run(coord, second.job_id)
+    st = coord.jobs.get(second.job_id)
+    assert st.state == JobState.SUCCEEDED and st.n_committed == 1
+    assert sorted(_memory_ids(coord, "reused")) == sorted(
+        [job_edit_id("reused", 0, raw_records[42]), job_edit_id("reused", 0, raw_records[43])])
+    assert coord.store.read("reused").column("subject").to_pylist() != [raw_records[42]["subject"]] * 2
+
+
+def test_edits_committed_before_a_crash_are_reported_committed_on_resume(coord, raw_records):
+    """A coordinator killed between `store.commit` and the save of the records' statuses left them pending; the
+    next one finds their edits live in the memory and reports them committed (here the job is cancelled meanwhile,
+    which would otherwise have reported its committed edit cancelled)."""
+    first = _spec(raw_records[44:45], "recon", job_id="recon-a")
+    coord.jobs.submit(first)
+    _run(coord, first.job_id)
+    crashed = _spec(raw_records[45:47], "recon", job_id="recon-b")
+    coord.jobs.submit(crashed)
+    assert coord.jobs.start(crashed.job_id, "dead-coordinator", 1)
+    row = coord.store.read("recon")  # a valid row, given the crashed job's first edit id
+    row = row.set_column(row.schema.get_field_index("edit_id"), "edit_id",
+                         pa.array([job_edit_id(crashed.job_id, 0, crashed.records[0])]))
+    coord.store.commit("recon", row.set_column(row.schema.get_field_index("job_id"), "job_id", pa.array([crashed.job_id])))
+    coord.jobs.request_cancel(crashed.job_id)
+    _run(coord, crashed.job_id)
+    st = coord.jobs.get(crashed.job_id, records=True)
+    assert st.state == JobState.CANCELLED and (st.n_committed, st.n_cancelled) == (1, 1), st
+    assert [r["status"] for r in sorted(st.records, key=lambda r: r["index"])] == [RecordState.COMMITTED,
+                                                                                    RecordState.CANCELLED]
+    assert st.version == coord.store.current_version("recon")
 
 
 def test_stops_do_not_use_up_a_jobs_starts(coord, raw_records):
@@ -501,8 +558,7 @@ def test_stops_do_not_use_up_a_jobs_starts(coord, raw_records):
     coord.stop_event.set()
     try:
         for _ in range(coord.config.max_job_attempts + 1):
-            delivery = (coord.queue.own_pending(coord.consumer) or [coord.queue.read(coord.consumer, block_ms=1000)])[0]
-            assert delivery.job_id == spec.job_id and coord.process(delivery) is None, "handed over"
+            assert coord.process(_delivery_of(coord, spec.job_id)) is None, "handed over"
             st = coord.jobs.get(spec.job_id)
             assert st.state == JobState.RUNNING and st.attempts == 0 and st.n_committed == 0, st
     finally:
@@ -557,6 +613,38 @@ def test_a_hung_actor_is_replaced_and_its_item_retried(env, tmp_path):
         pool.shutdown()
 
 
+def test_a_slow_consumer_does_not_expire_finished_items_and_a_timed_out_broadcast_replaces_its_actors(env):
+    """While the consumer handles one outcome (a commit can take seconds) another item may finish: past its
+    timeout but finished, it is read, not killed and recomputed. A broadcast that times out replaces the actors
+    still running it, so the next broadcast does not queue behind a hung call."""
+    from cluster.runtime import ActorPool, PoolError
+
+    class Naps:
+        def ready(self) -> int:
+            return os.getpid()
+
+        def nap(self, seconds: float) -> float:
+            time.sleep(seconds)
+            return seconds
+
+    pool = ActorPool(Naps, 2, "test-naps")
+    try:
+        pool.wait_ready()
+        outs = []
+        for out in pool.run([0.1, 1.0], lambda actor, s: actor.nap.remote(s), poll=0.1, item_timeout=1.5):
+            outs.append(out)
+            if out.item == 0.1:
+                time.sleep(2.5)  # the consumer is busy; the 1 s item finishes meanwhile, 2.5 s after its start
+        assert [(o.item, o.value, o.attempts) for o in outs] == [(0.1, 0.1, 1), (1.0, 1.0, 1)]
+        assert pool.restarts == 0
+        with pytest.raises(PoolError, match="did not finish"):
+            pool.broadcast("nap", 30, timeout=1)
+        assert pool.restarts == 2, "both hung actors replaced"
+        assert pool.broadcast("nap", 0.1, timeout=60) == [0.1, 0.1], "the next broadcast is answered"
+    finally:
+        pool.shutdown()
+
+
 def test_job_thresholds_are_checked_against_the_router():
     from cluster.jobs import JobSpec, JobSpecError
 
@@ -564,6 +652,18 @@ def test_job_thresholds_are_checked_against_the_router():
     for router, bad in (("cosine", 1.5), ("margin", 1.0), ("cosine", float("inf"))):
         with pytest.raises(JobSpecError, match=r"field 'threshold'"):
             JobSpec(memory="m", records=[{}], router=router, threshold=bad).check()
+    for model in (None, 3, " "):
+        with pytest.raises(JobSpecError, match=r"field 'model'"):
+            JobSpec(memory="m", records=[{}], model=model).check()
+    # edit settings of the wrong type or far out of range fail at submission, naming the setting (they failed every
+    # batch with a bare TypeError on the actors, or hung them)
+    for config, name in (({"max_target_tokens": "x"}, "max_target_tokens"), ({"seed": {"a": 1}}, "seed"),
+                         ({"batch_size": 0}, "batch_size"), ({"n_contexts": 10**7}, "n_contexts"),
+                         ({"values": {"steps": "x"}}, "values.steps"), ({"values": {"lr": 0}}, "values.lr"),
+                         ({"layer": 3}, "edit_config.layer")):
+        with pytest.raises(JobSpecError, match=re.escape(name)):
+            JobSpec(memory="m", records=[{}], edit_config=config).check()
+    JobSpec(memory="m", records=[{}], edit_config={"values": {"steps": 5, "lr": 1}, "n_contexts": 0}).check()
 
 
 def test_counters_the_dashboards_take_increase_of_exist_from_the_start():
@@ -724,4 +824,4 @@ def test_a_job_that_grows_the_memory_retrains_its_robust_keys(coord, raw_records
     from cluster.jobs import job_edit_id
 
     expected = load_records(data_file("counterfact_valid.json"), limit=10)[9].subject_rephrases
-    assert rk["rows"] == 10 and expected and stored[job_edit_id(tail.job_id, 0)] == expected, "the tail job's rephrasings"
+    assert rk["rows"] == 10 and expected and stored[job_edit_id(tail.job_id, 0, tail.records[0])] == expected, "the tail job's rephrasings"

@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 class Evaluator:
-    """Keeps one routed memory per (store, memory) attached to its model and follows its versions.
+    """Keeps one routed memory attached to each model it loaded and follows its versions.
 
     Each call brings the attached memory to the requested version (by delta from the last
     version it saw, or a full load), then measures efficacy of the given requests: is the new
@@ -21,7 +21,10 @@ class Evaluator:
         from workers.common import EditorCache
 
         self.cache = EditorCache(device)
-        self._attached: dict[tuple[str, str], tuple[object, int]] = {}  # (store, memory) -> (RoutedFFN, version)
+        # model -> (editor, (store, memory), RoutedFFN, version): one memory at a time per model, since editors of
+        # one model (other layers or settings) share its weights: a memory left attached at another layer would be
+        # measured with the next one, and its buffers never freed.
+        self._attached: dict[str, tuple[object, tuple[str, str], object, int]] = {}
         self._stores: dict[tuple[str, str | None], object] = {}
 
     def ready(self) -> int:
@@ -40,7 +43,7 @@ class Evaluator:
             self._stores[key] = MemoryStore(store, redis_url=redis_url)
         return self._stores[key]
 
-    def _memory_at(self, ed, st, memory: str, version: int, stats_key: str | None):
+    def _memory_at(self, model: str, ed, st, memory: str, version: int, stats_key: str | None):
         """The editor's model with `memory` at `version` attached: its rows, its threshold (a calibrated
         memory re-chooses it at every commit) and its REP robust-keys adapter, as a replica serves it."""
         from editing.stats import SecondMoment
@@ -49,22 +52,25 @@ class Evaluator:
         from store.artifacts import read_robust_keys
 
         key = (st.root, memory)
-        held = self._attached.get(key)
+        held = self._attached.get(model)
         routed = ed.memory
-        if held is not None and held[0] is routed and held[1] <= version:
-            if held[1] < version:
+        if held is not None and held[0] is ed and held[1] == key and held[2] is routed and held[3] <= version:
+            if held[3] < version:
                 try:
-                    delta = st.changes(memory, since=held[1], until=version)
+                    delta = st.changes(memory, since=held[3], until=version)
                     ids, k, v = table_tensors(delta.added, ed.spec)
                     adapter = read_robust_keys(st, delta.router, ed.spec.d_key, f"memory {memory!r} v{version}")
                     routed.apply(ids, k, v, list(delta.deleted), version=version)
                     self._set_gate(routed, delta.router, adapter)
-                    self._attached[key] = (routed, version)
+                    self._attached[model] = (ed, key, routed, version)
                     return routed
                 except StoreError as exc:  # e.g. the base version was compacted away
-                    log.info("memory %s: delta from v%d unavailable (%s); reloading", memory, held[1], exc)
+                    log.info("memory %s: delta from v%d unavailable (%s); reloading", memory, held[3], exc)
             else:
                 return routed
+        if held is not None:  # another memory, or the same one at another layer: off the shared weights first
+            held[0].detach()
+            del self._attached[model]
         info, table = st.load(memory, version, spec=ed.spec)
         router = info.router.get("name", "cosine")
         stats = None
@@ -80,7 +86,7 @@ class Evaluator:
         routed = ed.attach(table, router=router, threshold=info.router.get("threshold"), stats=stats)
         self._set_gate(routed, info.router, adapter)
         routed.version = version
-        self._attached[key] = (routed, version)
+        self._attached[model] = (ed, key, routed, version)
         return routed
 
     @staticmethod
@@ -99,7 +105,7 @@ class Evaluator:
         t0 = time.perf_counter()
         ed = self.cache.editor(model, {"layer": layer})
         st = self._store(store, redis_url)
-        self._memory_at(ed, st, memory, version, stats_key)
+        self._memory_at(model, ed, st, memory, version, stats_key)
         flags = ed.efficacy(requests)
         return {"efficacy": dict(zip(edit_ids, map(bool, flags))), "version": version,
                 "seconds": time.perf_counter() - t0}
