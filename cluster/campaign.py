@@ -146,6 +146,21 @@ def _changed_defaults(method: str, threshold: float | None) -> dict:
     return out
 
 
+def _yaml_load(text: str):
+    """`yaml.safe_load`, except that "1e-3" (an exponent without a dot) is the float YAML 1.2 reads, not the
+    string YAML 1.1 makes of it (a rate written `target_rate: 1e-3` was refused as "expected a number")."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 class CampaignSpecError(ValueError):
     """A bad campaign file. Names the file and the offending field."""
 
@@ -257,7 +272,7 @@ def select_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:
         import yaml
 
         try:
-            value = yaml.safe_load(raw)
+            value = _yaml_load(raw)
         except yaml.YAMLError as exc:
             raise CampaignSpecError(f"--only {term}", f"not a YAML value: {exc}") from exc
         wanted.setdefault(name, []).append(value)
@@ -454,7 +469,7 @@ def load_campaign(path: str | os.PathLike) -> CampaignSpec:
     if not path.is_file():
         raise CampaignSpecError("<file>", "no such file", str(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise CampaignSpecError("<file>", f"not UTF-8 text (a binary file?): {exc}", str(path)) from exc
     except yaml.YAMLError as exc:

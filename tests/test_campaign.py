@@ -68,6 +68,17 @@ def test_bad_campaign_yaml_names_the_field(tmp_path, text, field):
     assert repr(field) in str(exc.value) and "c.yaml" in str(exc.value)
 
 
+def test_a_rate_written_with_an_exponent_is_a_number(tmp_path):
+    """YAML 1.1 reads `1e-3` as a string; the documented `target_rate: 1e-3` must parse as 0.001."""
+    from cluster.campaign import select_cells
+
+    p = tmp_path / "c.yaml"
+    p.write_text(GOOD.replace("[cosine]", "[cosine+cal]") + "options: {calibration: {target_rate: 1e-3}}\n")
+    (cell,) = load_campaign(p).cells()
+    assert cell.options["calibration"] == {"target_rate": 0.001}
+    assert select_cells([cell], ["T=1e1"]) == [cell], "--only values read the same way"
+
+
 def test_campaign_model_must_exist_before_any_cell_runs(tmp_path):
     from typer.testing import CliRunner
 
