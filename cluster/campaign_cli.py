@@ -93,9 +93,11 @@ def campaign_run(
             _fail(exc, as_json)
     if as_json:
         typer.echo(json.dumps(run.to_dict()))
-        return
-    _err.print(f"campaign {run.name}: {run.ok} cells run, {run.failed} failed, {run.skipped} skipped "
-               f"(of {run.cells}) in {run.seconds:.0f}s; results in {run.results_dir}", highlight=False)
+    else:
+        _err.print(f"campaign {run.name}: {run.ok} cells run, {run.failed} failed, {run.skipped} skipped "
+                   f"(of {run.cells}) in {run.seconds:.0f}s; results in {run.results_dir}", highlight=False)
+    if run.failed:  # the results table has the errors; scripts and CI see that cells failed
+        raise typer.Exit(1)
 
 
 @campaign_app.command("report")

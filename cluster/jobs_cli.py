@@ -381,12 +381,13 @@ def demo(
               "job_seconds": final.to_dict()["seconds"]}
     if as_json:
         typer.echo(json.dumps(result))
-        return
-    _out.print(f"[bold]{final.state}[/]: {final.n_committed} edits committed, {final.n_failed} failed; "
-               f"efficacy {_pct(final.efficacy)}; memory {memory!r} v{result['version']} ({result['rows']} rows); "
-               f"{result['seconds']:.0f}s", highlight=False)
-    if final.error:
-        _out.print(f"[red]{final.error}[/]", highlight=False)
+    else:
+        _out.print(f"[bold]{final.state}[/]: {final.n_committed} edits committed, {final.n_failed} failed; "
+                   f"efficacy {_pct(final.efficacy)}; memory {memory!r} v{result['version']} ({result['rows']} rows); "
+                   f"{result['seconds']:.0f}s", highlight=False)
+        if final.error:
+            _out.print(f"[red]{final.error}[/]", highlight=False)
+    raise typer.Exit(0 if final.state == JobState.SUCCEEDED else 1)  # as `jobs watch`: scripts see a failed job
 
 
 def main() -> None:  # pragma: no cover - `python -m cluster.jobs_cli` (the kvedit entry point mounts these commands)
