@@ -227,7 +227,7 @@ def _job_records(st, memory: str, redis_url: str | None, known: set[str]) -> dic
 def generate(
     prompts: list[str] = typer.Argument(..., help="prompts to continue greedily"),
     model: str = typer.Option("smollm2-135m"),
-    memory_ref: Optional[str] = typer.Option(None, "--memory", help="edits.arrow folder/file, or a store memory NAME[@VERSION]"),
+    memory_ref: Optional[str] = typer.Option(None, "--memory", help="edits.arrow folder/file, or a store memory NAME\\[@VERSION]"),
     store: Optional[str] = typer.Option(None, help="store URI for a named memory"),
     redis_url: Optional[str] = typer.Option(None, envvar="KVEDIT_REDIS_URL"),
     router: str = typer.Option("cosine"),
