@@ -721,15 +721,27 @@ class _JobRun:
 
         if not is_calibrated(self.coord.store.info(self.spec.memory).router):
             return None
+        from cluster.runtime import actor_died
+
         requests = {self.edit_id(i): self.requests[i] for i in indices}
-        ref = self.coord.value_pool().next_slot().handle.calibrate.remote(
-            self.coord.store.root, self.coord.config.redis_url, self.spec.memory, self.spec.model,
-            self.spec.editor_overrides(), table_to_ipc(table), requests, self.stats_key)
-        try:
-            return ray.get(ref, timeout=self.coord.config.actor_timeout)
-        except Exception as exc:  # noqa: BLE001 - the edits are still committed, with the previous threshold
-            log.warning("job %s: calibration of %r failed, threshold unchanged: %s", self.job_id, self.spec.memory, exc)
-            return None
+        args = (self.coord.store.root, self.coord.config.redis_url, self.spec.memory, self.spec.model,
+                self.spec.editor_overrides(), table_to_ipc(table), requests, self.stats_key)
+        pool = self.coord.value_pool()
+        for attempt in (1, 2):  # an actor that died under the calibration is replaced and asked once more
+            slot = pool.next_slot()
+            generation = slot.generation
+            try:
+                return ray.get(slot.handle.calibrate.remote(*args), timeout=self.coord.config.actor_timeout)
+            except Exception as exc:  # noqa: BLE001 - the edits are still committed, with the previous threshold
+                if attempt == 1 and actor_died(exc):
+                    if slot.generation == generation:  # not yet replaced for the batch it was running
+                        pool.replace(slot)
+                    log.warning("job %s: calibration actor died; retrying once", self.job_id)
+                    continue
+                log.warning("job %s: calibration of %r failed, threshold unchanged: %s", self.job_id,
+                            self.spec.memory, exc)
+                return None
+        return None
 
     def retrain_robust_keys(self) -> None:
         """Retrain the memory's REP adapter on all its rows when this job grew the memory past the adapter's

@@ -136,6 +136,7 @@ class _Flight:
     slot: Slot
     attempts: int
     started: float = field(default_factory=time.perf_counter)
+    generation: int = -1  # the slot's generation when the item was dispatched
 
 
 class ActorPool:
@@ -306,7 +307,7 @@ class ActorPool:
                 item, attempts = queue.pop()
                 idle.busy = True
                 ref = submit(idle.handle, item)
-                flights[ref] = _Flight(item, idle, attempts + 1)
+                flights[ref] = _Flight(item, idle, attempts + 1, generation=idle.generation)
                 if on_dispatch:
                     on_dispatch(item, idle)
             if not flights:
@@ -321,7 +322,8 @@ class ActorPool:
                     if actor_died(exc):
                         log.warning("pool %s: actor %d died during an item (attempt %d/%d): %s",
                                     self.name, fl.slot.index, fl.attempts, max_attempts, type(exc).__name__)
-                        self.replace(fl.slot)
+                        if fl.slot.generation == fl.generation:  # not already replaced (e.g. by another caller)
+                            self.replace(fl.slot)
                         if fl.attempts < max_attempts:
                             queue.append((fl.item, fl.attempts))
                             continue
@@ -353,7 +355,8 @@ class ActorPool:
             del flights[ref]  # its result, if the killed actor ever sends one, is not read
             log.warning("pool %s: actor %d hung on an item for over %.0fs (attempt %d/%d); replacing it",
                         self.name, fl.slot.index, item_timeout, fl.attempts, max_attempts)
-            self.replace(fl.slot)
+            if fl.slot.generation == fl.generation:
+                self.replace(fl.slot)
             if fl.attempts < max_attempts:
                 queue.append((fl.item, fl.attempts))
                 continue

@@ -641,6 +641,18 @@ def test_a_slow_consumer_does_not_expire_finished_items_and_a_timed_out_broadcas
             pool.broadcast("nap", 30, timeout=1)
         assert pool.restarts == 2, "both hung actors replaced"
         assert pool.broadcast("nap", 0.1, timeout=60) == [0.1, 0.1], "the next broadcast is answered"
+        # an actor replaced by another caller (a job's calibration that saw it die) is not replaced again by the
+        # run whose item it was running: the fresh actor takes the retried item
+        before = pool.restarts
+        replaced = []
+
+        def replace_later(item, slot) -> None:  # once, with the item's first run under way (same thread, as there)
+            if not replaced:
+                replaced.append(slot.index)
+                pool.replace(slot)
+
+        (out,) = pool.run([2.0], lambda actor, s: actor.nap.remote(s), poll=0.1, on_dispatch=replace_later)
+        assert (out.value, out.attempts, pool.restarts) == (2.0, 2, before + 1)
     finally:
         pool.shutdown()
 
