@@ -335,20 +335,56 @@ class Coordinator:
         computed on a `CovarianceBuilder` pool (`pool`, or one started for the call and stopped
         after it) and merged in shard order.
         """
-        from editing.stats import SecondMoment, corpus_chunks, corpus_half, corpus_hash, default_corpus_path
+        from editing.stats import corpus_chunks, corpus_half, corpus_hash, default_corpus_path
         from store.artifacts import stats_key
-        from workers.covariance import CovarianceBuilder
 
         jid = job_id or "-"
         chunks = corpus_chunks(self.tokenizer(model), corpus_half(default_corpus_path().read_text(), "first"),
                                max_tokens=max_tokens)
         key = stats_key(fingerprint, layer, corpus_hash(chunks))
+        claim = None
         if use_cache:
-            hit = self.store.get_artifact("stats", key)
+            hit, claim = self._cached_or_claim(key, on_tick)
             if hit is not None:
                 self.on_event(JobEvent(jid, "statistics", 1, 1, message="cached"))
                 log.info("statistics %s: cached", key)
                 return key, {**hit[1], "cached": True}
+        try:
+            return key, self._build_statistics(model, layer, fingerprint, key, chunks, jid, shards, pool,
+                                               claim.renewing(on_tick) if claim else on_tick)
+        finally:
+            if claim:
+                claim.release()
+
+    def _cached_or_claim(self, key: str, on_tick: Callable[[], None] | None) -> tuple[tuple | None, "_Claim | None"]:
+        """(the cached statistics, None) once they exist, else (None, the build claim): a coordinator that finds
+        another one building the same statistics waits for them instead of building them twice (and writing a
+        second blob under a name whitened memories already use). Without Redis it builds unclaimed."""
+        import redis
+
+        claim = _Claim(self.store.redis, f"kvedit:stats-build:{key}", f"{self.consumer}:{time.time_ns()}")
+        waited = False
+        while True:
+            hit = self.store.get_artifact("stats", key)
+            if hit is not None:
+                return hit, None
+            try:
+                if claim.take():
+                    return None, claim
+            except redis.RedisError as exc:
+                log.warning("statistics %s: cannot claim the build (%s); building unclaimed", key, exc)
+                return None, None
+            if not waited:
+                log.info("statistics %s: another coordinator is building them; waiting", key)
+                waited = True
+            if on_tick:
+                on_tick()
+            time.sleep(self.config.poll_seconds)
+
+    def _build_statistics(self, model, layer, fingerprint, key, chunks, jid, shards, pool, on_tick) -> dict:
+        """Compute, merge and store the statistics `key` (see `ensure_statistics`); returns their meta."""
+        from editing.stats import SecondMoment
+        from workers.covariance import CovarianceBuilder
         per_shard = max(1, self.config.stats_shard_tokens // 256)
         n = shards or max(self.config.covariance_builders, math.ceil(len(chunks) / per_shard))
         size = math.ceil(len(chunks) / n)
@@ -378,7 +414,38 @@ class Coordinator:
                 "tokens": merged.count, "shards": len(pieces), "seconds": round(time.perf_counter() - t0, 3)}
         self.store.put_artifact("stats", key, merged.to_bytes(), meta)
         log.info("statistics %s: %d tokens in %d shards, %.1fs", key, merged.count, len(pieces), meta["seconds"])
-        return key, {**meta, "cached": False}
+        return {**meta, "cached": False}
+
+
+class _Claim:
+    """A Redis key held while one coordinator builds something others would build too (expires if it dies)."""
+
+    TTL_S = 120.0
+
+    def __init__(self, client, key: str, token: str):
+        self.client, self.key, self.token = client, key, token
+
+    def take(self) -> bool:
+        return bool(self.client.set(self.key, self.token, nx=True, px=int(self.TTL_S * 1000)))
+
+    def renewing(self, on_tick: Callable[[], None] | None) -> Callable[[], None]:
+        """`on_tick` that also keeps the claim alive while the build runs."""
+        def tick() -> None:
+            try:
+                if self.client.get(self.key) == self.token:
+                    self.client.pexpire(self.key, int(self.TTL_S * 1000))
+            except Exception as exc:  # noqa: BLE001 - the build goes on; at worst another one starts
+                log.debug("claim %s not renewed: %s", self.key, exc)
+            if on_tick:
+                on_tick()
+        return tick
+
+    def release(self) -> None:
+        try:
+            if self.client.get(self.key) == self.token:
+                self.client.delete(self.key)
+        except Exception as exc:  # noqa: BLE001 - it expires
+            log.debug("claim %s not released: %s", self.key, exc)
 
 
 @dataclass

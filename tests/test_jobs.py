@@ -223,6 +223,37 @@ def test_statistics_are_sharded_merged_and_cached(coord, tmp_path, monkeypatch):
     assert got.count == one.count and torch.equal(got.total, one.total)
 
 
+def test_statistics_two_coordinators_need_at_once_are_built_once(coord):
+    """A second coordinator that finds the same statistics being built waits for them (one build, one blob
+    under the name), and takes the build over if the first one's claim lapses."""
+    spec = coord.value_pool().broadcast("describe", MODEL, _spec([{}], "x").editor_overrides())[0]
+    fp, layer = spec["model_fingerprint"], spec["layer"]
+    results, puts = {}, []
+    real_put = coord.store.put_artifact
+    coord.store.put_artifact = lambda kind, key, data, meta=None: puts.append(key) or real_put(kind, key, data, meta)
+    try:
+        threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, coord.ensure_statistics(
+            MODEL, layer, fp, 768, job_id=f"job-{n}"))) for n in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)
+        for t in threads:
+            t.join(TIMEOUT)
+    finally:
+        coord.store.put_artifact = real_put
+    (k0, m0), (k1, m1) = results[0], results[1]
+    assert k0 == k1 and sorted([m0["cached"], m1["cached"]]) == [False, True], (m0, m1)
+    assert puts == [k0], "written once"
+    assert not coord.store.redis.exists(f"kvedit:stats-build:{k0}"), "the claim is released"
+    from cluster.coordinator import _Claim
+
+    stale = _Claim(coord.store.redis, "kvedit:stats-build:demo", "dead")
+    assert stale.take() and not _Claim(coord.store.redis, "kvedit:stats-build:demo", "other").take()
+    coord.store.redis.pexpire("kvedit:stats-build:demo", 1)  # its holder died: the claim lapses
+    time.sleep(0.05)
+    assert _Claim(coord.store.redis, "kvedit:stats-build:demo", "other").take()
+
+
 def test_whitened_job_names_its_statistics_for_replicas(coord, raw_records, tmp_path, monkeypatch):
     """The C0 a whitened job routes with is the one its memory's versions name, so every replica uses it."""
     from serving.memory import make_memory_router
