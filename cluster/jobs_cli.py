@@ -238,7 +238,7 @@ def edit_submit(
             overrides = json.loads(edit_config) if edit_config else {}
         except json.JSONDecodeError as exc:
             raise ValueError(f"--edit-config: not a JSON object: {exc}") from exc
-    except (FileNotFoundError, EditRecordError, ValueError) as exc:
+    except (OSError, EditRecordError, ValueError) as exc:  # OSError: unreadable as well as missing
         _fail(exc, as_json)
     spec = JobSpec(memory=memory, records=records, job_id=job_id or new_job_id(), model=model, layer=layer, router=router,
                    threshold=threshold, batch_size=batch_size, all_or_nothing=all_or_nothing, edit_config=overrides,
@@ -277,13 +277,14 @@ def coordinator(
     """Consume the job queue and drive the Ray actor pools (SIGTERM/Ctrl-C: stop after the current batch)."""
     _setup_logging(verbose)
     from cluster.coordinator import run_coordinator
+    from store import StoreError
 
     try:
         n = run_coordinator(store, redis_url, ray_address, optimisers=optimisers, evaluators=evaluators,
                             covariance_builders=covariance_builders, http_port=http_port, http_host=http_host,
                             consumer=consumer, lease_seconds=lease, max_jobs=max_jobs, idle_exit=exit_when_idle,
                             handle_signals=True)
-    except (JobError, OSError) as exc:
+    except (JobError, OSError, StoreError) as exc:
         _fail(exc, as_json)
     if as_json:
         typer.echo(json.dumps({"processed": n}))
