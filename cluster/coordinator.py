@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from cluster.jobs import (
     JobNotFoundError, JobSpec, JobState, JobStatus, JobStore, QueueUnavailableError, RecordState, job_edit_id,
+    legacy_job_edit_id,
 )
 from cluster.queue import Delivery, JobQueue, LeaseKeeper
 from cluster.runtime import ActorPool, Outcome, connect_ray, default_consumer, local_cpu_slots
@@ -370,7 +371,11 @@ class Coordinator:
                 return hit, None
             try:
                 if claim.take():
-                    return None, claim
+                    hit = self.store.get_artifact("stats", key)  # written (and the claim released) since the read
+                    if hit is None:
+                        return None, claim
+                    claim.release()
+                    return hit, None
             except redis.RedisError as exc:
                 log.warning("statistics %s: cannot claim the build (%s); building unclaimed", key, exc)
                 return None, None
@@ -417,6 +422,11 @@ class Coordinator:
         return {**meta, "cached": False}
 
 
+# Renew or release a claim only while it is still ours (compare and act in one step).
+_CLAIM_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+_CLAIM_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
 class _Claim:
     """A Redis key held while one coordinator builds something others would build too (expires if it dies)."""
 
@@ -432,8 +442,7 @@ class _Claim:
         """`on_tick` that also keeps the claim alive while the build runs."""
         def tick() -> None:
             try:
-                if self.client.get(self.key) == self.token:
-                    self.client.pexpire(self.key, int(self.TTL_S * 1000))
+                self.client.eval(_CLAIM_RENEW, 1, self.key, self.token, int(self.TTL_S * 1000))
             except Exception as exc:  # noqa: BLE001 - the build goes on; at worst another one starts
                 log.debug("claim %s not renewed: %s", self.key, exc)
             if on_tick:
@@ -442,8 +451,7 @@ class _Claim:
 
     def release(self) -> None:
         try:
-            if self.client.get(self.key) == self.token:
-                self.client.delete(self.key)
+            self.client.eval(_CLAIM_RELEASE, 1, self.key, self.token)
         except Exception as exc:  # noqa: BLE001 - it expires
             log.debug("claim %s not released: %s", self.key, exc)
 
@@ -544,8 +552,9 @@ class _JobRun:
         store = self.coord.store
         if not store.exists(self.spec.memory):
             return
-        todo = {self.edit_id(i): i for i in range(len(self.spec.records))
-                if self.statuses.get(i, {}).get("status") != RecordState.COMMITTED}
+        todo = {eid: i for i in range(len(self.spec.records))
+                if self.statuses.get(i, {}).get("status") != RecordState.COMMITTED
+                for eid in (self.edit_id(i), legacy_job_edit_id(self.job_id, i))}  # rows committed before 2026-12-08
         live = store.live_ids(self.spec.memory, list(todo))
         if not live:
             return

@@ -128,6 +128,12 @@ def job_edit_id(job_id: str, index: int, record) -> str:
     return h.hexdigest()[:20]
 
 
+def legacy_job_edit_id(job_id: str, index: int) -> str:
+    """The id jobs gave record `index` before 2026-12-08 (job and index only): rows committed then keep it, and
+    readers that map rows back to job records (robust-key retrains, resumed jobs) accept it too."""
+    return hashlib.sha256(json.dumps(["kvedit-job-edit", job_id, int(index)]).encode()).hexdigest()[:20]
+
+
 # ---------------------------------------------------------------------------------------- spec
 
 

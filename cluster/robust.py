@@ -182,7 +182,7 @@ def records_of_rows(jobs, table, known: set[str]) -> dict:
     """{edit_id: EditRequest} for rows of `table` not in `known` whose job (the row's `job_id`) is still in the
     job store `jobs` (`cluster.jobs.JobStore`): the records a retrain needs for rows whose rephrasings were never
     stored (added by jobs that did not retrain). Rows of deleted jobs, `edit run` and imports are left out."""
-    from cluster.jobs import JobNotFoundError, job_edit_id
+    from cluster.jobs import JobNotFoundError, job_edit_id, legacy_job_edit_id
     from editing.records import EditRecordError, parse_record
 
     missing: dict[str, set[str]] = {}
@@ -196,8 +196,8 @@ def records_of_rows(jobs, table, known: set[str]) -> dict:
         except JobNotFoundError:
             continue
         for i, raw in enumerate(spec.records):
-            eid = job_edit_id(jid, i, raw)
-            if eid in eids:
+            eid = next((e for e in (job_edit_id(jid, i, raw), legacy_job_edit_id(jid, i)) if e in eids), None)
+            if eid is not None:
                 try:
                     out[eid] = parse_record(raw, i, spec.source)
                 except EditRecordError:

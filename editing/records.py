@@ -77,9 +77,9 @@ def _req_str(rec: dict, key: str, index: int, case_id, source, allow_empty=False
     return val
 
 
-def _str_list(rec: dict, key: str, index: int, case_id, source) -> list[str]:
-    """An evaluation list of prompts. Empty entries are left out with a warning naming them: an empty prompt has
-    no tokens to score after (the shared CounterFact sets hold a few empty paraphrases)."""
+def _str_list(rec: dict, key: str, index: int, case_id, source, keep_empty: bool = False) -> list[str]:
+    """An evaluation list of prompts. Empty entries are left out with a warning naming them (`_drop_empty`) unless
+    `keep_empty` (the caller drops them with what it pairs them with)."""
     val = rec.get(key)
     if val is None:
         return []
@@ -91,11 +91,18 @@ def _str_list(rec: dict, key: str, index: int, case_id, source) -> list[str]:
     if bad is not None:
         raise EditRecordError(index, f"{key}[{bad}]", f"expected a string, got {type(val[bad]).__name__}",
                               case_id, source)
-    empty = [i for i, x in enumerate(val) if not x.strip()]
+    return list(val) if keep_empty else _drop_empty(list(val), key, index, case_id, source)[0]
+
+
+def _drop_empty(prompts: list[str], key: str, index: int, case_id, source, paired: list | None = None):
+    """(prompts, paired) without the empty prompts and their paired entries, with a warning naming them: an empty
+    prompt has no tokens to score after (the shared CounterFact sets hold a few empty paraphrases)."""
+    empty = [i for i, x in enumerate(prompts) if not x.strip()]
     if empty:
         logger.warning("%s", EditRecordError(index, ", ".join(f"{key}[{i}]" for i in empty),
                                              "empty, left out", case_id, source))
-    return [x for x in val if x.strip()]
+    keep = [i for i, x in enumerate(prompts) if x.strip()]
+    return [prompts[i] for i in keep], None if paired is None else [paired[i] for i in keep]
 
 
 def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest:
@@ -148,7 +155,7 @@ def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest
         )
     else:  # REP / flat format
         subject = _req_str(rec, "subject", index, case_id, source)
-        loc_prompts = _str_list(rec, "locality_prompt", index, case_id, source)
+        loc_prompts = _str_list(rec, "locality_prompt", index, case_id, source, keep_empty=True)
         loc_gt = rec.get("locality_ground_truth")
         if isinstance(loc_gt, str) or loc_gt is None:
             loc_answers = [loc_gt or ""] * len(loc_prompts)
@@ -160,6 +167,7 @@ def parse_record(rec: Any, index: int, source: str | None = None) -> EditRequest
             loc_answers = loc_gt if len(loc_gt) == len(loc_prompts) else loc_gt * len(loc_prompts)
         else:
             raise EditRecordError(index, "locality_ground_truth", "expected a string or list of strings", case_id, source)
+        loc_prompts, loc_answers = _drop_empty(loc_prompts, "locality_prompt", index, case_id, source, loc_answers)
         req = EditRequest(
             subject=subject, prompt=_req_str(rec, "prompt", index, case_id, source),
             target_new=_req_str(rec, "target_new", index, case_id, source),

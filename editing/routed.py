@@ -89,7 +89,7 @@ class RoutedFFN(nn.Module):
         """
         width = max(self.capacity, self.candidates * self.rows.shape[1]) if self.use_prefilter else self.capacity
         step = max(1, ROUTE_CHUNK_ELEMENTS // max(width, 1))
-        if key.shape[0] <= step:
+        if key.shape[0] <= step or torch.compiler.is_compiling():  # compiled: one piece (a dynamic token count)
             return self._route(key)
         parts = [self._route(key[i: i + step]) for i in range(0, key.shape[0], step)]
         return tuple(torch.cat(p) for p in zip(*parts))

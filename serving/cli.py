@@ -169,7 +169,7 @@ def serve_command(
     model: str = typer.Option("smollm2-135m", "--model", help="known name or local HF model folder"),
     memory: Optional[List[str]] = typer.Option(None, "--memory", help="NAME to follow its latest version, NAME@VERSION "
                                                "to pin; repeat to serve several (requests choose MODEL:NAME)"),
-    layer: Optional[int] = typer.Option(None, "--layer", help="edit layer (default: the memories', else the model's default edit layer)"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="edit layer (default: the memories'; with none, vLLM takes the model's settings file's layer if it has one, else serves the plain model)"),
     backend: str = typer.Option("vllm", "--backend", help="vllm | hf"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),

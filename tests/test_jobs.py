@@ -228,6 +228,7 @@ def test_statistics_two_coordinators_need_at_once_are_built_once(coord):
     under the name), and takes the build over if the first one's claim lapses."""
     spec = coord.value_pool().broadcast("describe", MODEL, _spec([{}], "x").editor_overrides())[0]
     fp, layer = spec["model_fingerprint"], spec["layer"]
+    coord.tokenizer(MODEL)  # loaded before the threads (two threads importing transformers at once race)
     results, puts = {}, []
     real_put = coord.store.put_artifact
     coord.store.put_artifact = lambda kind, key, data, meta=None: puts.append(key) or real_put(kind, key, data, meta)
@@ -556,6 +557,22 @@ def test_a_reused_job_id_with_other_records_adds_its_edits(coord, raw_records):
     assert sorted(_memory_ids(coord, "reused")) == sorted(
         [job_edit_id("reused", 0, raw_records[42]), job_edit_id("reused", 0, raw_records[43])])
     assert coord.store.read("reused").column("subject").to_pylist() != [raw_records[42]["subject"]] * 2
+
+
+def test_rows_committed_under_the_old_edit_ids_still_map_to_their_records(coord, raw_records):
+    """Edit ids include the record since 2026-12-08; rows committed before keep the (job, index) id, and a
+    robust-key retrain still finds their records (with their rephrasings) in the job store."""
+    from cluster.jobs import legacy_job_edit_id
+    from cluster.robust import records_of_rows
+
+    spec = _spec(raw_records[48:50], "legacy", job_id="legacy")
+    coord.jobs.submit(spec)
+    coord.jobs.request_cancel(spec.job_id)  # queued: cancelled at once, the records stay readable
+    old, new = legacy_job_edit_id("legacy", 1), job_edit_id("legacy", 0, spec.records[0])
+    assert old != job_edit_id("legacy", 1, spec.records[1])
+    got = records_of_rows(coord.jobs, pa.table({"edit_id": [old, new], "job_id": ["legacy"] * 2}), set())
+    assert {k: r.subject for k, r in got.items()} == {old: raw_records[49]["subject"], new: raw_records[48]["subject"]}
+    assert got[old].subject_rephrases, "with the rephrasings a retrain trains on"
 
 
 def test_edits_committed_before_a_crash_are_reported_committed_on_resume(coord, raw_records):

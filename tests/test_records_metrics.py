@@ -65,6 +65,11 @@ def test_empty_evaluation_prompts_are_left_out_and_named(tmp_path, caplog):
     assert r.rephrase_prompts == ["Y, it is"] and r.subject_rephrases == ["Why"]
     assert "record 0, case_id=5: field 'rephrase_prompt[1], rephrase_prompt[2]': empty, left out" in caplog.text
     assert "subject_rephrase[0]" in caplog.text
+    paired = dict(rec, locality_prompt=["A is", "", "C is"], locality_ground_truth=["a", "b", "c"])
+    r = load_records(_write(tmp_path, [paired]))[0]
+    assert list(zip(r.locality_prompts, r.locality_answers)) == [("A is", "a"), ("C is", "c")], "answers stay paired"
+    with pytest.raises(EditRecordError, match="2 answers for 3 locality prompts"):
+        load_records(_write(tmp_path, [dict(paired, locality_ground_truth=["a", "b"])]))
 
 
 def test_a_prompt_without_tokens_cannot_be_scored(tokenizer):
