@@ -26,7 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.jobs import (
-    DEFAULT_BATCH_SIZE, DEFAULT_MODEL, JobError, JobSpec, JobState, JobStatus, JobStore, new_job_id,
+    DEFAULT_BATCH_SIZE, DEFAULT_MODEL, JobError, JobSpec, JobState, JobStatus, JobStore, legacy_job_edit_id,
+    new_job_id,
 )
 
 jobs_app = typer.Typer(help="Follow and cancel edit jobs.", no_args_is_help=True)
@@ -359,6 +360,8 @@ def demo(
         coord = Coordinator(cfg, on_event=on_event)
         try:
             with coord:
+                if coord.store.exists(memory):  # rows of a demo run before the edit ids included the record
+                    coord.store.delete(memory, edit_ids=[legacy_job_edit_id(job_id, i) for i in range(len(records))])
                 previous = coord.jobs.get(job_id) if coord.jobs.exists(job_id) else None
                 if previous is not None and previous.terminal:
                     coord.jobs.delete([job_id])  # forget the last run; its edits stay in the memory
