@@ -20,6 +20,7 @@ renamed), so `pandas.read_parquet(results_dir)` reads the table at any moment.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -146,19 +147,25 @@ def _changed_defaults(method: str, threshold: float | None) -> dict:
     return out
 
 
-def _yaml_load(text: str):
-    """`yaml.safe_load`, except that "1e-3" (an exponent without a dot) is the float YAML 1.2 reads, not the
-    string YAML 1.1 makes of it (a rate written `target_rate: 1e-3` was refused as "expected a number")."""
+@functools.lru_cache(maxsize=1)
+def _yaml_loader():
+    """A `yaml.SafeLoader` that reads "1e-3" (an exponent without a dot) as the float YAML 1.2 makes of it, not
+    the string of YAML 1.1 (a rate written `target_rate: 1e-3` was refused as "expected a number")."""
     import re
 
     import yaml
 
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    loader = type("CampaignLoader", (yaml.SafeLoader,), {})
+    loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                                  list("-+0123456789"))
-    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    return loader
+
+
+def _yaml_load(text: str):
+    """`yaml.safe_load` with `_yaml_loader`'s exponent floats."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
 
 
 class CampaignSpecError(ValueError):

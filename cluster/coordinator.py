@@ -35,6 +35,7 @@ from cluster.jobs import (
 )
 from cluster.queue import Delivery, JobQueue, LeaseKeeper
 from cluster.runtime import ActorPool, Outcome, connect_ray, default_consumer, local_cpu_slots
+from store.redisconn import DELETE_IF_HELD
 from workers.common import ipc_to_table
 
 log = logging.getLogger(__name__)
@@ -422,9 +423,8 @@ class Coordinator:
         return {**meta, "cached": False}
 
 
-# Renew or release a claim only while it is still ours (compare and act in one step).
+# Renew a claim only while it is still ours (compare and act in one step; release: `DELETE_IF_HELD`).
 _CLAIM_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_CLAIM_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 class _Claim:
@@ -451,7 +451,7 @@ class _Claim:
 
     def release(self) -> None:
         try:
-            self.client.eval(_CLAIM_RELEASE, 1, self.key, self.token)
+            self.client.eval(DELETE_IF_HELD, 1, self.key, self.token)
         except Exception as exc:  # noqa: BLE001 - it expires
             log.debug("claim %s not released: %s", self.key, exc)
 

@@ -21,9 +21,8 @@ Two implementations compute the same thing:
 
 from __future__ import annotations
 
-import math
-
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch

@@ -243,12 +243,9 @@ if ARGV[2] ~= '' then redis.call('PUBLISH', KEYS[2], ARGV[2]) end
 return cur
 """
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_BREAK_IF = """
+# Delete a key only while it holds the given token (release a lock or claim that is still ours; break a dead
+# holder's lock unless it changed hands meanwhile).
+DELETE_IF_HELD = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -274,8 +271,7 @@ class Coordinator:
     def __init__(self, client: redis.Redis, store_id: str, store_uri: str):
         self.client, self.store_id, self.store_uri = client, store_id, store_uri
         self._set_max = client.register_script(_SET_MAX_AND_PUBLISH)
-        self._release = client.register_script(_RELEASE)
-        self._break = client.register_script(_BREAK_IF)
+        self._release = self._break = client.register_script(DELETE_IF_HELD)
 
     def key(self, name: str, what: str) -> str:
         return f"kvedit:{self.store_id}:memory:{name}:{what}"
